@@ -1,0 +1,52 @@
+# redistill — `make help` lists the targets. Every target that runs code depends on `setup`.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+DVC := $(BIN)/dvc
+
+# The offline demo: the shipped dolly-format corpus, answers replayed from a cassette, a small test split.
+# `dvc exp run -S` applies these on top of params.yaml and records the run as a DVC experiment.
+DEMO_PARAMS := \
+	-S sample.source=data/demo/dolly.jsonl \
+	-S teacher.provider=replay \
+	-S teacher.model=demo-cassette \
+	-S teacher.cassette=data/demo/cassette.jsonl \
+	-S split.test_size=40 \
+	-S split.val_size=10
+
+.PHONY: help setup demo all test lint push pull clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed  ## create the venv and install the pinned requirements and this package
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+demo: setup  ## run the pipeline offline on the shipped demo corpus (no key, no network)
+	@cp params.yaml .params.yaml.real
+	@$(DVC) exp run $(DEMO_PARAMS); status=$$?; mv .params.yaml.real params.yaml; exit $$status
+
+all: setup  ## run the real pipeline with the params in params.yaml (needs GROQ_API_KEY)
+	$(DVC) repro
+
+test: setup  ## run the test suite
+	$(BIN)/pytest -q
+
+lint: setup  ## ruff, as CI would
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+push: setup  ## upload data and models to the default DVC remote
+	$(DVC) push
+
+pull: setup  ## download data and models from the default DVC remote
+	$(DVC) pull
+
+clean:  ## remove the venv and derived outputs (keeps the teacher journal, the DVC cache and remote)
+	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -f data/sentences.jsonl data/labeled.jsonl data/train.jsonl data/val.jsonl data/test.jsonl metrics/*.json

@@ -1,0 +1,78 @@
+"""One JSONL reader (errors name file and line) and atomic writers (temp file, then rename)."""
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from redistill.errors import PipelineError
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every line of ``path`` as a JSON object; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found")
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise PipelineError(f"{path}:{number}: not valid JSON ({error.msg}); fix or remove that line") from None
+            if not isinstance(record, dict):
+                raise PipelineError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records from a .jsonl file, a .json file holding a list of objects, or a .parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found")
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise PipelineError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+            raise PipelineError(f"{path}: expected a JSON list of objects (or use .jsonl for one object per line)")
+        return data
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        return pyarrow.parquet.read_table(path).to_pylist()
+    raise PipelineError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl or .parquet")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    with atomic_path(path) as temp, temp.open("w", encoding="utf-8") as out:
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_json(path: str | Path, data: object) -> None:
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,10 @@
+"""Where each stage reads and writes; dvc.yaml lists the same paths (tests/test_dvc.py checks they agree)."""
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+SENTENCES = Path("data/sentences.jsonl")
+LABELED = Path("data/labeled.jsonl")
+TEACHER_JOURNAL = Path("data/teacher_journal.jsonl")
+SPLITS = {name: Path(f"data/{name}.jsonl") for name in ("train", "val", "test")}
+METRICS = Path("metrics")

@@ -1,0 +1,66 @@
+"""An append-only journal of teacher answers keyed by a hash of the request: resume and re-run for free."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from redistill.errors import PipelineError
+
+
+def request_key(provider: str, model: str, messages: list[dict], sampling: dict) -> str:
+    """SHA-256 of everything that shapes the answer; the same request always gets the same key."""
+    request = {"provider": provider, "model": model, "messages": messages, "sampling": sampling}
+    return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+class TeacherJournal:
+    """Answers by request key. Each answer is flushed and fsynced as it arrives, so a crash loses none."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.entries: dict[str, dict] = {}
+        self._file = None  # opened on the first append, so a run that fails early leaves no file behind
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        for number, line in enumerate(lines, start=1):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines) and not line.endswith("\n"):
+                    self._drop_torn_tail(len(line.encode("utf-8")))
+                    break
+                raise PipelineError(
+                    f"{self.path}:{number}: not valid JSON; the journal is damaged: fix or delete that line"
+                ) from None
+            self.entries[entry["key"]] = entry
+
+    def _drop_torn_tail(self, size: int) -> None:
+        # A crash mid-write leaves a partial last line; cut it so new entries start on a line of their own.
+        with self.path.open("r+b") as handle:
+            handle.truncate(os.path.getsize(self.path) - size)
+
+    def get(self, key: str) -> dict | None:
+        return self.entries.get(key)
+
+    def append(self, entry: dict) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.entries[entry["key"]] = entry
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> "TeacherJournal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,47 @@
+"""Parse a teacher's or student's answer into triples ``head|relation|tail``, counting what is not one."""
+
+import re
+from dataclasses import dataclass, field
+
+# "- ", "* ", "• ", "1. ", "2) " at the start of a line.
+_BULLET = re.compile(r"^(?:[-*•]|\d+[.)])\s+")
+
+Triple = tuple[str, str, str]
+
+
+@dataclass
+class ParsedAnswer:
+    triples: list[Triple] = field(default_factory=list)
+    malformed: list[str] = field(default_factory=list)  # lines with a "|" that are not three non-empty parts
+    prose: list[str] = field(default_factory=list)  # lines without a "|": preambles, chatter
+
+
+def parse_answer(answer: str) -> ParsedAnswer:
+    """Split into lines, strip whitespace and a leading bullet or number, keep lines of exactly three parts."""
+    parsed = ParsedAnswer()
+    for raw_line in answer.splitlines():
+        line = _BULLET.sub("", raw_line.strip())
+        if not line:
+            continue
+        parts = [part.strip() for part in line.split("|")]
+        if len(parts) == 3 and all(parts):
+            parsed.triples.append((parts[0], parts[1], parts[2]))
+        elif "|" in line:
+            parsed.malformed.append(line)
+        else:
+            parsed.prose.append(line)
+    return parsed
+
+
+def clean_label(answer: str) -> ParsedAnswer:
+    """A teacher answer as training labels: parsed, a trailing period stripped from each part, duplicates dropped."""
+    parsed = parse_answer(answer)
+    cleaned: list[Triple] = []
+    for triple in parsed.triples:
+        stripped = tuple(part.removesuffix(".").strip() for part in triple)
+        if all(stripped) and stripped not in cleaned:
+            cleaned.append(stripped)
+        elif not all(stripped):
+            parsed.malformed.append("|".join(triple))
+    parsed.triples = cleaned
+    return parsed

@@ -1,0 +1,28 @@
+"""Stage synthesize: ask the teacher for the triples of each sentence -> data/labeled.jsonl.
+
+Answers go to a journal as they arrive, so an interrupted run resumes and an unchanged re-run makes no calls.
+"""
+
+from functools import partial
+
+from redistill import paths
+from redistill.errors import run_stage
+from redistill.io import read_jsonl, write_json, write_jsonl
+from redistill.params import load_block, read_params_file
+from redistill.synthesis import label_sentences
+from redistill.teacher import TeacherParams, make_teacher
+from redistill.teacher.journal import TeacherJournal
+
+
+def main() -> None:
+    params = load_block(TeacherParams, "teacher", read_params_file())
+    sentences = read_jsonl(paths.SENTENCES)
+    with TeacherJournal(paths.TEACHER_JOURNAL) as journal:
+        labeled, stats = label_sentences(sentences, params, partial(make_teacher, params), journal)
+    print(", ".join(f"{name} {value}" for name, value in stats.items()))
+    write_jsonl(paths.LABELED, labeled)
+    write_json(paths.METRICS / "synthesize.json", stats)
+
+
+if __name__ == "__main__":
+    run_stage(main)

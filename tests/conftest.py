@@ -1,0 +1,44 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # fake_provider
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A temp copy of the project's params.yaml with the cwd inside it; returns a helper to edit params."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+
+    def write_params(**overrides: object) -> dict:
+        for dotted, value in overrides.items():
+            block, key = dotted.split("__", 1)
+            params[block][key] = value
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        return params
+
+    write_params()
+    return write_params
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def dolly(context: str, category: str = "information_extraction") -> dict:
+    return {"instruction": "Extract the relations.", "context": context, "response": "", "category": category}
+
+
+@pytest.fixture(autouse=True)
+def no_real_keys(monkeypatch):
+    for variable in ("GROQ_API_KEY", "OPENAI_API_KEY", "GROQ_BASE_URL", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setitem(os.environ, "HF_HUB_OFFLINE", "1")

@@ -1,0 +1,103 @@
+"""The stage scripts as a user runs them: `python stages/<name>.py` from the project root."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, dolly, write_jsonl
+from fake_provider import FakeProvider
+
+from redistill.io import read_jsonl
+
+CORPUS = [
+    dolly("The U.S. Army was founded in 1775 by the Continental Congress. It grew."),
+    dolly("Dr. Jane Smith was born in Leeds in 1950 to a family of doctors. She studied."),
+    dolly("J. R. R. Tolkien wrote The Hobbit, published in 1937 by Allen & Unwin. It sold."),
+    dolly("Python version 3.12 was released in October 2023 by its foundation. It is fast."),
+    dolly("The No. 5 bus runs from the station to the harbour every ten minutes. It is red."),
+    dolly("Mt. Fuji is the highest mountain in Japan at 3,776 metres tall. It is a volcano."),
+    dolly("Marie Curie (b. 1867) won two Nobel Prizes, in physics and in chemistry. She died."),
+    dolly("Berries, e.g. the blueberry, grow well in acidic soils of the north. They are sweet."),
+]
+
+
+def run(stage: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / f"{stage}.py")], capture_output=True, text=True, env=env
+    )
+
+
+def outputs(root: Path) -> set[str]:
+    return {str(path.relative_to(root)) for path in root.rglob("*") if path.is_file() and path.name != "params.yaml"}
+
+
+def test_sample_synthesize_split_against_a_loopback_groq(project, tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
+    project(sample__source="corpus.jsonl", split__test_size=2, split__val_size=1)
+    with FakeProvider(models=("openai/gpt-oss-120b",)) as server:
+        env = {"PATH": "/usr/bin:/bin", "GROQ_API_KEY": "test-key", "GROQ_BASE_URL": server.url, "HF_HUB_OFFLINE": "1"}
+        for stage in ("sample", "synthesize", "split"):
+            result = run(stage, env)
+            assert result.returncode == 0, result.stderr
+        assert len(server.requests) == len(CORPUS)
+        rerun = run("synthesize", env)
+        assert rerun.returncode == 0 and len(server.requests) == len(CORPUS)  # everything came from the journal
+
+    sentences = read_jsonl("data/sentences.jsonl")
+    assert [s["text"] for s in sentences][:3] == [
+        "The U.S. Army was founded in 1775 by the Continental Congress.",
+        "Dr. Jane Smith was born in Leeds in 1950 to a family of doctors.",
+        "J. R. R. Tolkien wrote The Hobbit, published in 1937 by Allen & Unwin.",
+    ]
+    labeled = read_jsonl("data/labeled.jsonl")
+    assert labeled[0]["triples"] == [["The", "is followed by", "Congress"]]
+    assert json.loads(Path("metrics/synthesize.json").read_text())["api_calls"] == 0  # the re-run's
+    split = json.loads(Path("metrics/split.json").read_text())
+    assert (split["train"], split["val"], split["test"]) == (5, 1, 2)
+    assert outputs(tmp_path) == {
+        "corpus.jsonl",
+        "data/sentences.jsonl",
+        "data/labeled.jsonl",
+        "data/teacher_journal.jsonl",
+        "data/train.jsonl",
+        "data/val.jsonl",
+        "data/test.jsonl",
+        "metrics/sample.json",
+        "metrics/synthesize.json",
+        "metrics/split.json",
+    }
+
+
+@pytest.mark.parametrize(
+    ("stage", "setup", "message"),
+    [
+        ("sample", {"sample__source": "missing.jsonl"}, "error: missing.jsonl: file not found"),
+        ("sample", {"sample__source": "bad.jsonl"}, "error: bad.jsonl:2: not valid JSON"),
+        ("sample", {"sample__source": "corpus.jsonl", "sample__field": "nope"}, "record 0 has no 'nope' field"),
+        (
+            "sample",
+            {"sample__source": "corpus.jsonl", "sample__category": "open_qa"},
+            "no sentence left after the filters",
+        ),
+        ("sample", {"sample__source": "corpus.jsonl", "sample__min_chars": 500}, "sample.min_chars must be smaller"),
+        ("synthesize", {"teacher__provider": "claude"}, "teacher.provider must be one of groq, openai, replay"),
+        ("synthesize", {}, "error: GROQ_API_KEY is not set; export GROQ_API_KEY=..."),
+        ("split", {"split__test_size": 50}, "split.test_size (50) + split.val_size (0) leave no training data"),
+        ("split", {"split__val_size": -1}, "split.val_size as a count must be >= 0"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(project, tmp_path, stage, setup, message):
+    write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
+    (tmp_path / "bad.jsonl").write_text(json.dumps(CORPUS[0]) + "\nnot json\n")
+    write_jsonl(tmp_path / "data/sentences.jsonl", [{"id": "a", "text": "Alice is from France."}])
+    write_jsonl(
+        tmp_path / "data/labeled.jsonl", [{"id": "a", "text": "Alice is from France.", "triples": [["A", "r", "B"]]}]
+    )
+    before = outputs(tmp_path)
+    project(**{"split__val_size": 0, **setup})
+    result = run(stage, {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr
+    assert outputs(tmp_path) == before
