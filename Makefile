@@ -28,9 +28,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
+# `dvc exp run` commits the experiment to a hidden git ref, which needs a git identity: lend one if none is set.
+# params.yaml is put back afterwards, so it keeps describing the real run (dvc.lock records the demo's values).
 demo: setup  ## run the pipeline offline on the shipped demo corpus (no key, no network)
 	@cp params.yaml .params.yaml.real
-	@$(DVC) exp run $(DEMO_PARAMS); status=$$?; mv .params.yaml.real params.yaml; exit $$status
+	@git config user.email >/dev/null || export GIT_AUTHOR_NAME=redistill GIT_AUTHOR_EMAIL=redistill@localhost \
+		GIT_COMMITTER_NAME=redistill GIT_COMMITTER_EMAIL=redistill@localhost; \
+	$(DVC) exp run $(DEMO_PARAMS); status=$$?; mv .params.yaml.real params.yaml; exit $$status
 
 all: setup  ## run the real pipeline with the params in params.yaml (needs GROQ_API_KEY)
 	$(DVC) repro

@@ -24,11 +24,23 @@ _WHITESPACE = re.compile(r"\s+")
 _BOUNDARY = re.compile(r"(?P<mark>[.!?])(?P<close>[\"'\u201d\u2019)\]]*)(?=\s)")
 _NEXT_STARTS_SENTENCE = re.compile(r"\s+[\"'\u201c\u2018(\[]?[A-Z\u00C0-\u024F\u0370-\u03FF\u0400-\u04FF]")
 _WORD_BEFORE = re.compile(r"([\w.]+)$")
+_DECIMAL = re.compile(r"\d+(?:[.,]\d+)+")
 
 
 def collapse_whitespace(text: str) -> str:
     """Newlines, tabs and runs of spaces become one space; ends are stripped."""
     return _WHITESPACE.sub(" ", text).strip()
+
+
+def is_abbreviation(word: str) -> bool:
+    """Whether ``word`` (without its final period) is one that takes a period: "Dr", "U.S", "J", "e.g"."""
+    if _DECIMAL.fullmatch(word):  # "7.4" ends a sentence like any number
+        return False
+    if "." in word:  # U.S, e.g, F.C, J.R.R: a dotted acronym
+        return True
+    if len(word) == 1 and word.isalpha():  # an initial: "J. R. R. Tolkien", "(b. 1950)"
+        return True
+    return word.casefold() in ABBREVIATIONS
 
 
 def _ends_sentence(text: str, match: re.Match) -> bool:
@@ -37,14 +49,7 @@ def _ends_sentence(text: str, match: re.Match) -> bool:
     if match["mark"] != ".":
         return True
     word = _WORD_BEFORE.search(text, 0, match.start())
-    if word is None:
-        return True
-    token = word.group(1)
-    if "." in token:  # U.S, e.g, J.R.R — a dotted acronym, not a sentence end
-        return False
-    if len(token) == 1 and token.isalpha():  # an initial: "J. R. R. Tolkien", "(b. 1950)"
-        return False
-    return token.casefold() not in ABBREVIATIONS
+    return word is None or not is_abbreviation(word.group(1))
 
 
 def first_sentence(text: str) -> str:

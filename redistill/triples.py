@@ -3,6 +3,8 @@
 import re
 from dataclasses import dataclass, field
 
+from redistill.sentences import is_abbreviation
+
 # "- ", "* ", "• ", "1. ", "2) " at the start of a line.
 _BULLET = re.compile(r"^(?:[-*•]|\d+[.)])\s+")
 
@@ -33,12 +35,22 @@ def parse_answer(answer: str) -> ParsedAnswer:
     return parsed
 
 
+def _strip_final_period(part: str) -> str:
+    """ "chess." -> "chess", but "Manchester United F.C." and "Apple Inc." keep the period that belongs to them."""
+    if not part.endswith("."):
+        return part
+    last_word = part[:-1].rsplit(None, 1)[-1] if part[:-1].strip() else ""
+    # A lone letter ("Vitamin B.") is more likely a sentence-final period than an initial.
+    return part if len(last_word) > 1 and is_abbreviation(last_word) else part[:-1].strip()
+
+
 def clean_label(answer: str) -> ParsedAnswer:
-    """A teacher answer as training labels: parsed, a trailing period stripped from each part, duplicates dropped."""
+    """A teacher answer as training labels: parsed, a final period stripped from each part (unless it closes an
+    abbreviation such as "F.C." or "Inc."), duplicates dropped."""
     parsed = parse_answer(answer)
     cleaned: list[Triple] = []
     for triple in parsed.triples:
-        stripped = tuple(part.removesuffix(".").strip() for part in triple)
+        stripped = tuple(_strip_final_period(part) for part in triple)
         if all(stripped) and stripped not in cleaned:
             cleaned.append(stripped)
         elif not all(stripped):

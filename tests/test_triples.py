@@ -30,6 +30,17 @@ def test_trailing_period_is_stripped_from_each_part():
     assert parsed.triples == [("Stalemate", "is a situation in", "chess"), ("U.S. Army", "was founded in", "1775")]
 
 
+def test_a_period_that_closes_an_abbreviation_is_kept():
+    parsed = clean_label(
+        "Matt Busby|managed|Manchester United F.C.\nApple Inc.|was founded in|1976.\nX|born in|the U.S."
+    )
+    assert parsed.triples == [
+        ("Matt Busby", "managed", "Manchester United F.C."),
+        ("Apple Inc.", "was founded in", "1976"),
+        ("X", "born in", "the U.S."),
+    ]
+
+
 def test_wrong_number_of_parts_or_empty_parts_are_malformed():
     parsed = clean_label("A|r\nA|r|B|C\nA||B\n|r|B\nA|r|.\nok|r|fine")
     assert parsed.triples == [("ok", "r", "fine")]
