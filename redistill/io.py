@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -52,6 +53,12 @@ def read_records(path: str | Path) -> list[dict]:
     raise PipelineError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl or .parquet")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it replaces ``path``, on error it is removed."""
@@ -59,12 +66,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
+    os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes it private; the output should be like any other file
     try:
         yield Path(temp)
         os.replace(temp, path)
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``path``; on success it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    temp.chmod(0o777 & ~_umask())
+    try:
+        yield temp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(temp, path)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp)
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:

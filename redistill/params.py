@@ -78,6 +78,11 @@ def _check(hint: object, value: object, key: str) -> object:
             if len(errors) == 1
             else ParamError(f"params.yaml: {key} must be {_describe(hint)}, got {value!r}")
         )
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list) or not value:
+            raise ParamError(f"params.yaml: {key} must be a non-empty list, got {value!r}")
+        return [_check(item, element, f"{key}[{index}]") for index, element in enumerate(value)]
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ParamError(f"params.yaml: {key} must be a mapping, got {value!r}")

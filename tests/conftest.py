@@ -42,3 +42,22 @@ def no_real_keys(monkeypatch):
     for variable in ("GROQ_API_KEY", "OPENAI_API_KEY", "GROQ_BASE_URL", "OPENAI_BASE_URL"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setitem(os.environ, "HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory) -> Path:
+    """A saved tiny random Llama (ChatML template, pad token unset) usable as student.model."""
+    from tiny_model import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def labeled_rows(count: int, start: int = 0) -> list[dict]:
+    """Labelled sentences with one easy pattern, so a tiny model can learn something in a few steps."""
+    cities = ["Warsaw", "Paris", "Leeds", "Rome", "Vienna", "Oslo", "Lima", "Cairo"]
+    rows = []
+    for index in range(start, start + count):
+        city = cities[index % len(cities)]
+        text = f"Person{index} was born in {city}."
+        rows.append({"id": f"s{index}", "text": text, "triples": [[f"Person{index}", "was born in", city]]})
+    return rows

@@ -1,5 +1,6 @@
 """The pipeline through real DVC: `make demo` in a fresh git repository, no-op re-runs, targeted re-runs."""
 
+import json
 import os
 import re
 import shutil
@@ -79,20 +80,46 @@ def test_dvc_yaml_declares_the_paths_the_stages_write():
     assert declared("split") == {str(path) for path in paths.SPLITS.values()} | {"metrics/split.json"}
 
 
+def overrides(*params: str) -> list[str]:
+    return [arg for param in params for arg in ("-S", param)]
+
+
 @pytest.mark.slow
-def test_make_demo_runs_offline_and_reruns_only_what_changed(repo):
+def test_make_demo_runs_offline_and_the_finetuned_student_wins(repo):
     output = make_demo(repo)
-    assert ran(output) == ["sample", "synthesize", "split"]
-    for name in ("sentences", "labeled", "train", "val", "test"):
+    assert ran(output) == ["sample", "synthesize", "split", "import_model", "train", "evaluate"]
+    for name in ("sentences", "labeled", "train", "val", "test", "predictions"):
         assert (repo / "data" / f"{name}.jsonl").stat().st_size > 0
-    for name in ("sample", "synthesize", "split"):
+    for name in ("sample", "synthesize", "split", "train", "eval", "f1"):
         assert (repo / "metrics" / f"{name}.json").is_file()
+    assert (repo / "models/adapter/adapter_model.safetensors").is_file()
+    scores = json.loads((repo / "metrics/eval.json").read_text())
+    assert scores["finetuned"]["exact"]["f1"] > scores["base"]["exact"]["f1"]
     assert (repo / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()  # the real run's params stay
 
     assert ran(make_demo(repo)) == []  # nothing changed: nothing runs
 
-    overrides = [arg for param in demo_params() for arg in ("-S", param)]
-    output = sh("dvc", "exp", "run", *overrides, "-S", "split.seed=3", cwd=repo)
-    assert ran(output) == ["split"]
+    output = sh("dvc", "exp", "run", *overrides(*demo_params(), "evaluate.max_new_tokens=64"), cwd=repo)
+    assert ran(output) == ["evaluate"]
+    assert "evaluate.max_new_tokens" in sh("dvc", "params", "diff", "HEAD", cwd=repo)
+    assert "Training loss" in sh("dvc", "plots", "show", "--json", cwd=repo)
+
+
+@pytest.mark.slow
+def test_changing_the_split_seed_reruns_split_and_what_depends_on_it(repo, tiny_student):
+    tiny = (
+        f"student.model={tiny_student}",
+        "import_model.gguf=null",
+        "train.lora.r=4",
+        "train.lora.alpha=8",
+        "train.epochs=1",
+        "evaluate.max_new_tokens=8",
+    )
+    output = sh("dvc", "exp", "run", *overrides(*demo_params(), *tiny), cwd=repo)
+    assert ran(output) == ["sample", "synthesize", "split", "import_model", "train", "evaluate"]
+    assert ran(sh("dvc", "exp", "run", *overrides(*demo_params(), *tiny), cwd=repo)) == []
+    output = sh("dvc", "exp", "run", *overrides(*demo_params(), *tiny, "split.seed=3"), cwd=repo)
+    assert ran(output) == ["split", "train", "evaluate"]
     dag = sh("dvc", "dag", cwd=repo)
-    assert dag.index("sample") < dag.index("synthesize") < dag.index("split")
+    for upstream, downstream in [("sample", "synthesize"), ("synthesize", "split"), ("split", "train")]:
+        assert dag.index(upstream) < dag.index(downstream)

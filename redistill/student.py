@@ -1,0 +1,132 @@
+"""The student: find it (hub id, local folder, GGUF), load it with its tokenizer, and convert a GGUF once."""
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from redistill.errors import PipelineError
+from redistill.params import require
+from redistill.prompts import CHAT_TEMPLATE_FALLBACKS, ensure_chat_template
+
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclass(frozen=True)
+class StudentParams:
+    model: str
+    chat_template_fallback: str | None
+    attn_implementation: str
+
+    def validate(self) -> None:
+        require(bool(self.model), "student.model", "must name a Hugging Face model id or a local folder")
+        fallbacks = ", ".join(CHAT_TEMPLATE_FALLBACKS)
+        require(
+            self.chat_template_fallback in (None, *CHAT_TEMPLATE_FALLBACKS),
+            "student.chat_template_fallback",
+            f"must be null or one of {fallbacks}, got {self.chat_template_fallback!r}",
+        )
+        require(
+            self.attn_implementation in ATTENTION,
+            "student.attn_implementation",
+            f"must be one of {', '.join(ATTENTION)}, got {self.attn_implementation!r}",
+        )
+
+
+def resolve_model(model: str) -> str:
+    """A local folder as is; a hub id ("org/name") as is; anything that looks like a missing path is an error."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PipelineError(f"student.model: {model} has no config.json; is it a saved model folder?")
+        return model
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") != 1 or path.parts[0] in ("models", "data")
+    if looks_like_path or path.parent.is_dir():
+        raise PipelineError(f"student.model: no model folder at {model}; run the import stage or fix the path")
+    return model
+
+
+def load_tokenizer(params: StudentParams, source: str | None = None):
+    """The tokenizer of ``source`` (default: the student) with a chat template and a pad token."""
+    from transformers import AutoTokenizer
+
+    source = source or resolve_model(params.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise PipelineError(f"could not load the tokenizer of {source} ({_first_line(error)})") from None
+    ensure_chat_template(tokenizer, params.chat_template_fallback, source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # safe: labels are masked by position, never by token id
+    return tokenizer
+
+
+def load_model(params: StudentParams, dtype, device: str, quantization: str = "none"):
+    """The student's causal LM on ``device``; ``quantization="nf4"`` loads it 4-bit (QLoRA) through bitsandbytes."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    options = {"dtype": dtype, "attn_implementation": params.attn_implementation}
+    if quantization == "nf4":
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        options["device_map"] = {"": 0}
+    source = resolve_model(params.model)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **options)
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"could not load student.model {source} ({_first_line(error)})") from None
+    return model if quantization == "nf4" else model.to(device)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def locate_gguf(spec: str) -> Path:
+    """A .gguf path, or ``package:FILE``: a file inside an installed package (found without importing it)."""
+    if ":" in spec and not Path(spec).exists():
+        package, _, name = spec.partition(":")
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise PipelineError(f"import.gguf: package {package!r} is not installed (see README: the demo student)")
+        path = Path(found.submodule_search_locations[0]) / name
+    else:
+        path = Path(spec)
+    if not path.is_file():
+        raise PipelineError(f"import.gguf: no file at {path}")
+    return path
+
+
+@dataclass(frozen=True)
+class ImportParams:
+    gguf: str | None
+
+
+def import_gguf(spec: str, out: str | Path) -> dict:
+    """Convert a GGUF model and its tokenizer into a bf16 safetensors folder ``out`` that loads in a second."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = locate_gguf(spec)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    # The weights are dequantised on load; saving them must not claim they are still GGUF-quantised.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # Dequantised weights load as float32; bfloat16 halves the folder and loses nothing a 4-bit file had.
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"gguf": path.name, "parameters": model.num_parameters(), "dtype": "bfloat16"}
+
+
+def load_finetuned(params: StudentParams, adapter: str | Path, dtype, device: str):
+    """The student with the trained LoRA adapter merged in, for fast generation."""
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise PipelineError(f"no trained adapter in {adapter}; run the train stage first")
+    return PeftModel.from_pretrained(load_model(params, dtype, device), adapter).merge_and_unload()

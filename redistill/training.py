@@ -1,0 +1,253 @@
+"""The train stage's logic: LoRA or QLoRA supervised fine-tuning of the student with trl's SFTTrainer."""
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from transformers.integrations import DVCLiveCallback
+
+from redistill.errors import PipelineError
+from redistill.io import atomic_dir
+from redistill.params import require
+from redistill.prompts import prompt_ids, training_example
+from redistill.student import StudentParams, load_model, load_tokenizer
+
+SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_min_lr")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: list[str]
+
+    def validate(self) -> None:
+        require(self.r > 0, "train.lora.r", f"must be positive, got {self.r}")
+        require(self.alpha > 0, "train.lora.alpha", f"must be positive, got {self.alpha}")
+        require(0 <= self.dropout < 1, "train.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: float
+    batch_size: int
+    grad_accum: int
+    learning_rate: float
+    lr_scheduler: str
+    warmup_ratio: float
+    max_grad_norm: float
+    optim: str
+    gradient_checkpointing: bool
+    max_seq_length: int
+    packing: bool
+    seed: int
+    quantization: str
+    precision: str
+    max_steps: int
+    logging_steps: int
+    save_steps: int
+    lora: LoraParams
+
+    def validate(self) -> None:
+        require(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
+        require(self.batch_size > 0, "train.batch_size", f"must be positive, got {self.batch_size}")
+        require(self.grad_accum > 0, "train.grad_accum", f"must be positive, got {self.grad_accum}")
+        require(self.learning_rate > 0, "train.learning_rate", f"must be positive, got {self.learning_rate}")
+        require(
+            self.lr_scheduler in SCHEDULERS,
+            "train.lr_scheduler",
+            f"must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}",
+        )
+        require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        require(self.max_grad_norm > 0, "train.max_grad_norm", f"must be positive, got {self.max_grad_norm}")
+        require(self.max_seq_length > 0, "train.max_seq_length", f"must be positive, got {self.max_seq_length}")
+        require(
+            self.quantization in ("nf4", "none"),
+            "train.quantization",
+            f"must be nf4 or none, got {self.quantization!r}",
+        )
+        require(self.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
+        require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", "must be -1 (whole epochs) or positive")
+        require(self.logging_steps > 0, "train.logging_steps", f"must be positive, got {self.logging_steps}")
+        require(self.save_steps > 0, "train.save_steps", f"must be positive, got {self.save_steps}")
+
+
+def _check_hardware(params: TrainParams, cuda: bool) -> None:
+    if params.quantization == "nf4" and not cuda:
+        raise PipelineError("train.quantization: nf4 needs a CUDA GPU (bitsandbytes 4-bit); set it to none on CPU")
+    if "8bit" in params.optim and not cuda:
+        raise PipelineError(f"train.optim: {params.optim} needs a CUDA GPU (bitsandbytes); use adamw_torch on CPU")
+
+
+def build_examples(tokenizer, records: list[dict], system_prompt: str, max_seq_length: int) -> tuple[list[dict], int]:
+    """Tokenised, label-masked examples; those longer than ``max_seq_length`` are dropped and counted."""
+    examples, too_long = [], 0
+    for record in records:
+        prompt_length = len(prompt_ids(tokenizer, record["text"], system_prompt))
+        if prompt_length >= max_seq_length:
+            raise PipelineError(
+                f"train.max_seq_length ({max_seq_length}) is shorter than the prompt ({prompt_length} tokens for "
+                f"sentence {record['id']}); raise it"
+            )
+        example = training_example(tokenizer, record["text"], record["triples"], system_prompt)
+        if len(example["input_ids"]) > max_seq_length:
+            too_long += 1
+        else:
+            examples.append(example)
+    return examples, too_long
+
+
+def fingerprint(*parts: object) -> str:
+    """A hash of everything that shapes training, so a checkpoint is resumed only by the run that wrote it."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def last_checkpoint(checkpoints: Path, expected: str) -> str | None:
+    """The newest checkpoint of an interrupted run with the same fingerprint; stale ones are removed."""
+    stamp = checkpoints / "fingerprint.txt"
+    if checkpoints.exists() and (not stamp.exists() or stamp.read_text() != expected):
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(expected)
+    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    return str(found[-1]) if found else None
+
+
+def train(
+    params: TrainParams,
+    student: StudentParams,
+    system_prompt: str,
+    train_records: list[dict],
+    val_records: list[dict],
+    adapter_dir: Path,
+    checkpoints: Path,
+    log_dir: Path,
+) -> tuple[dict, object]:
+    """Fine-tune, save the adapter (with tokenizer and chat template) to ``adapter_dir``; return the metrics and
+    the trained (PEFT) model."""
+    import torch
+    from datasets import Dataset
+    from dvclive import Live
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    cuda = torch.cuda.is_available()
+    _check_hardware(params, cuda)
+    if not train_records:
+        raise PipelineError("the train split is empty; label more sentences or lower split.test_size/val_size")
+    bf16 = params.precision == "bf16" or (params.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    tokenizer = load_tokenizer(student)
+    train_examples, train_too_long = build_examples(tokenizer, train_records, system_prompt, params.max_seq_length)
+    val_examples, _ = build_examples(tokenizer, val_records, system_prompt, params.max_seq_length)
+    if not train_examples:
+        raise PipelineError(f"every training example is longer than train.max_seq_length ({params.max_seq_length})")
+
+    model = load_model(student, dtype, "cuda" if cuda else "cpu", params.quantization)
+    if params.quantization == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
+    lora = LoraConfig(
+        r=params.lora.r,
+        lora_alpha=params.lora.alpha,
+        lora_dropout=params.lora.dropout,
+        target_modules=params.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    config = SFTConfig(
+        output_dir=str(checkpoints),
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps,
+        per_device_train_batch_size=params.batch_size,
+        per_device_eval_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.grad_accum,
+        activation_checkpointing=params.gradient_checkpointing,
+        learning_rate=params.learning_rate,
+        lr_scheduler_type=params.lr_scheduler,
+        warmup_steps=params.warmup_ratio,  # a float in [0, 1) is a fraction of the total steps
+        max_grad_norm=params.max_grad_norm,
+        optim=params.optim,
+        bf16=bf16,
+        tf32=True if cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
+        use_cpu=not cuda,
+        max_length=params.max_seq_length,
+        packing=params.packing,
+        seed=params.seed,
+        data_seed=params.seed,
+        logging_steps=params.logging_steps,
+        save_steps=params.save_steps,
+        save_total_limit=1,
+        eval_strategy="epoch" if val_examples else "no",
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=False,
+    )
+    resume = last_checkpoint(checkpoints, fingerprint(asdict(params), asdict(student), system_prompt, train_examples))
+    # A resumed run appends to the loss log it started; a new one starts it afresh.
+    live = Live(dir=str(log_dir), resume=resume is not None, dvcyaml=None, save_dvc_exp=False, report=None)
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(train_examples),
+            eval_dataset=Dataset.from_list(val_examples) if val_examples else None,
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[GlobalStepDVCLive(live=live)],
+        )
+    except ValueError as error:  # peft: target modules that the model does not have
+        raise PipelineError(f"train.lora.target_modules: {error}") from None
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.monotonic() - started
+
+    with atomic_dir(adapter_dir) as staging:
+        trainer.model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    shutil.rmtree(checkpoints)
+
+    history = trainer.state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    tokens = trainer.state.num_input_tokens_seen
+    metrics = {
+        "train_loss": result.training_loss,
+        "final_loss": losses[-1] if losses else None,
+        "eval_loss": eval_losses[-1] if eval_losses else None,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "examples": len(train_examples),
+        "examples_too_long": train_too_long,
+        "tokens_seen": tokens,
+        "tokens_per_second": tokens / seconds if seconds else None,
+        "steps_per_second": trainer.state.global_step / seconds if seconds else None,
+        "runtime_seconds": seconds,
+        "resumed_from": resume,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "precision": "bf16" if bf16 else "fp32",
+        "quantization": params.quantization,
+    }
+    if cuda:
+        metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return metrics, trainer.model
+
+
+class GlobalStepDVCLive(DVCLiveCallback):
+    """DVCLive counts its own steps (one per log call); pin them to the trainer's global step so that the loss
+    and eval-loss curves share an x axis."""
+
+    def on_log(self, args, state, control, **kwargs):
+        if self.live is not None:
+            self.live.step = state.global_step
+        return super().on_log(args, state, control, **kwargs)

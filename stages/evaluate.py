@@ -1,0 +1,42 @@
+"""Stage evaluate: base and fine-tuned student (and optionally a teacher) answer the test split; scored.
+
+Writes data/predictions.jsonl, metrics/eval.json and metrics/f1.json (drawn by `dvc plots show`).
+"""
+
+import torch
+
+from redistill import paths
+from redistill.errors import run_stage
+from redistill.evaluation import EvalParams, evaluate, f1_plot_rows
+from redistill.io import read_jsonl, write_json, write_jsonl
+from redistill.params import load_block, read_params_file
+from redistill.student import StudentParams, load_finetuned, load_model, load_tokenizer
+from redistill.teacher import TeacherParams, make_teacher
+
+
+def main() -> None:
+    params = read_params_file()
+    eval_params = load_block(EvalParams, "evaluate", params)
+    student = load_block(StudentParams, "student", params)
+    teacher = load_block(TeacherParams, "teacher", params)
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+
+    def load_student(name: str):
+        if name == "base":
+            return load_model(student, dtype, device), load_tokenizer(student)
+        return load_finetuned(student, paths.ADAPTER, dtype, device), load_tokenizer(student, source=paths.ADAPTER)
+
+    def teacher_for(model: str):
+        return make_teacher(TeacherParams(**{**teacher.__dict__, "model": model}))
+
+    metrics, rows = evaluate(eval_params, read_jsonl(paths.SPLITS["test"]), load_student, teacher_for, teacher.prompt)
+    for name, values in metrics.items():
+        print(f"{name}: exact F1 {values['exact']['f1']:.3f}, lenient F1 {values['lenient']['f1']:.3f}")
+    write_jsonl(paths.PREDICTIONS, rows)
+    write_json(paths.METRICS / "eval.json", metrics)
+    write_json(paths.F1_PLOT, f1_plot_rows(metrics))
+
+
+if __name__ == "__main__":
+    run_stage(main)

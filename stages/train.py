@@ -1,0 +1,35 @@
+"""Stage train: LoRA/QLoRA fine-tuning of the student on data/train.jsonl -> models/adapter/.
+
+An interrupted run resumes from its last checkpoint (models/checkpoints/) when re-run with the same inputs.
+"""
+
+from redistill import paths
+from redistill.errors import run_stage
+from redistill.io import read_jsonl, write_json
+from redistill.params import load_block, read_params_file
+from redistill.student import StudentParams
+from redistill.teacher import TeacherParams
+from redistill.training import TrainParams, train
+
+
+def main() -> None:
+    params = read_params_file()
+    train_params = load_block(TrainParams, "train", params)
+    student = load_block(StudentParams, "student", params)
+    system_prompt = load_block(TeacherParams, "teacher", params).prompt
+    metrics, _ = train(
+        train_params,
+        student,
+        system_prompt,
+        read_jsonl(paths.SPLITS["train"]),
+        read_jsonl(paths.SPLITS["val"]),
+        adapter_dir=paths.ADAPTER,
+        checkpoints=paths.CHECKPOINTS,
+        log_dir=paths.TRAIN_LOG,
+    )
+    print(", ".join(f"{name} {value}" for name, value in metrics.items()))
+    write_json(paths.METRICS / "train.json", metrics)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,255 @@
+"""Prompt building, label masks, and the train and evaluate stages on a tiny random Llama (CPU, seconds)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, labeled_rows, write_jsonl
+from tiny_model import build_model, build_tokenizer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from redistill.errors import PipelineError
+from redistill.generation import generate
+from redistill.io import read_jsonl
+from redistill.prompts import DEFAULT_SYSTEM_PROMPT, ensure_chat_template, prompt_ids, training_example
+from redistill.student import StudentParams, load_finetuned
+from redistill.training import LoraParams, TrainParams, build_examples, train
+
+TRIPLES = [["Marie Curie", "was born in", "Warsaw"], ["Marie Curie", "won", "Nobel Prizes"]]
+TEXT = "Marie Curie was born in Warsaw and won two Nobel Prizes."
+
+
+def tokenizer_with_pad_as_eos():
+    tokenizer = build_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token  # the post's set-up, which made its collator mask every EOS
+    return tokenizer
+
+
+def test_prompt_tokens_are_masked_and_the_answer_and_its_eos_are_labelled():
+    tokenizer = tokenizer_with_pad_as_eos()
+    example = training_example(tokenizer, TEXT, TRIPLES, DEFAULT_SYSTEM_PROMPT)
+    prompt = prompt_ids(tokenizer, TEXT, DEFAULT_SYSTEM_PROMPT)
+    ids, labels = example["input_ids"], example["labels"]
+    assert ids[: len(prompt)] == prompt and labels[: len(prompt)] == [-100] * len(prompt)
+    assert labels[len(prompt) :] == ids[len(prompt) :]
+    assert labels[-1] == tokenizer.eos_token_id  # the model learns to stop
+    answer = tokenizer.decode(labels[len(prompt) :])
+    assert answer == "Marie Curie|was born in|Warsaw\nMarie Curie|won|Nobel Prizes<|im_end|>"  # nothing after EOS
+
+
+def test_the_collator_keeps_eos_labels_when_pad_is_eos():
+    tokenizer = tokenizer_with_pad_as_eos()
+    short = training_example(tokenizer, "A b.", [["A", "is", "b"]], DEFAULT_SYSTEM_PROMPT)
+    long = training_example(tokenizer, TEXT, TRIPLES, DEFAULT_SYSTEM_PROMPT)
+    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)([short, long])
+    short_labels = batch["labels"][0].tolist()
+    padding = len(long["input_ids"]) - len(short["input_ids"])
+    assert short_labels[: len(short["labels"])] == short["labels"]  # EOS stays labelled
+    assert short_labels[len(short["labels"]) :] == [-100] * padding  # padding (also EOS) is not
+    assert batch["labels"][1].tolist()[-1] == tokenizer.eos_token_id
+
+
+def test_fallback_chat_template_closes_turns_with_eos():
+    tokenizer = build_tokenizer(chat_template=None, eos="</s>")
+    with pytest.raises(PipelineError, match=r"has no chat template; set student\.chat_template_fallback: chatml"):
+        ensure_chat_template(tokenizer, None, "my-model")
+    ensure_chat_template(tokenizer, "chatml", "my-model")
+    example = training_example(tokenizer, TEXT, TRIPLES, "Extract.")
+    assert tokenizer.decode(example["input_ids"]).startswith("<|im_start|>system\nExtract.</s>\n<|im_start|>user\n")
+    assert example["labels"][-1] == tokenizer.convert_tokens_to_ids("</s>")
+
+
+def test_max_seq_length_shorter_than_the_prompt_is_an_error():
+    with pytest.raises(PipelineError, match=r"train.max_seq_length \(20\) is shorter than the prompt"):
+        build_examples(tokenizer_with_pad_as_eos(), labeled_rows(1), DEFAULT_SYSTEM_PROMPT, 20)
+
+
+def tiny_train_params(**changes) -> TrainParams:
+    base = dict(
+        epochs=3.0,
+        batch_size=4,
+        grad_accum=1,
+        learning_rate=5e-3,
+        lr_scheduler="cosine",
+        warmup_ratio=0.1,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        gradient_checkpointing=False,
+        max_seq_length=256,
+        packing=False,
+        seed=17,
+        quantization="none",
+        precision="auto",
+        max_steps=-1,
+        logging_steps=1,
+        save_steps=50,
+        lora=LoraParams(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
+    return TrainParams(**{**base, **changes})
+
+
+def test_training_lowers_the_loss_and_the_saved_adapter_reloads_identically(tiny_student, tmp_path):
+    student = StudentParams(model=str(tiny_student), chat_template_fallback=None, attn_implementation="sdpa")
+    metrics, model = train(
+        tiny_train_params(),
+        student,
+        DEFAULT_SYSTEM_PROMPT,
+        labeled_rows(16),
+        labeled_rows(4, start=100),
+        adapter_dir=tmp_path / "adapter",
+        checkpoints=tmp_path / "checkpoints",
+        log_dir=tmp_path / "log",
+    )
+    losses = [
+        float(line.split("\t")[-1]) for line in (tmp_path / "log/plots/metrics/loss.tsv").read_text().splitlines()[1:]
+    ]
+    assert metrics["steps"] == 12 and len(losses) == 12 and losses[-1] < losses[0]
+    assert metrics["tokens_seen"] > 0 and metrics["eval_loss"] is not None and metrics["device"] == "cpu"
+    assert not (tmp_path / "checkpoints").exists()
+    saved = {path.name for path in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"} <= saved
+    assert "model.safetensors" not in saved  # no base weights
+
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "adapter")
+    tokenizer.pad_token = tokenizer.eos_token
+    texts = [row["text"] for row in labeled_rows(5, start=200)]
+    model.eval()
+    before = generate(model, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, max_new_tokens=12, batch_size=2)
+    reloaded = load_finetuned(student, tmp_path / "adapter", torch.float32, "cpu")
+    after = generate(reloaded, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, max_new_tokens=12, batch_size=2)
+    assert [g.text for g in before] == [g.text for g in after]
+
+
+def test_batched_generation_matches_one_at_a_time(tiny_student):
+    import torch
+
+    from redistill.student import load_model, load_tokenizer
+
+    student = StudentParams(model=str(tiny_student), chat_template_fallback=None, attn_implementation="eager")
+    model, tokenizer = load_model(student, torch.float32, "cpu"), load_tokenizer(student)
+    texts = ["A b.", "Marie Curie was born in Warsaw and won two Nobel Prizes.", "Oslo is in Norway."]
+    batched = generate(model, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, max_new_tokens=8, batch_size=3)
+    single = [
+        generate(model, tokenizer, [text], DEFAULT_SYSTEM_PROMPT, max_new_tokens=8, batch_size=1)[0] for text in texts
+    ]
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert all(g.new_tokens <= 8 for g in batched)
+
+
+def run_stage(stage: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / f"{stage}.py")], capture_output=True, text=True, env=env
+    )
+
+
+def tiny_project(project, tmp_path, student: Path, **overrides):
+    write_jsonl(tmp_path / "data/train.jsonl", labeled_rows(16))
+    write_jsonl(tmp_path / "data/val.jsonl", labeled_rows(4, start=100))
+    write_jsonl(tmp_path / "data/test.jsonl", labeled_rows(6, start=200))
+    settings = {
+        "student__model": str(student),
+        "train__quantization": "none",
+        "train__optim": "adamw_torch",
+        "train__epochs": 2,
+        "train__batch_size": 4,
+        "train__grad_accum": 1,
+        "train__learning_rate": 5e-3,
+        "train__gradient_checkpointing": False,
+        "evaluate__max_new_tokens": 16,
+    }
+    project(**{**settings, **overrides})
+    params_path = tmp_path / "params.yaml"
+    import yaml
+
+    params = yaml.safe_load(params_path.read_text())
+    params["train"]["lora"].update(r=8, alpha=16)
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_train_and_evaluate_stages_on_a_tiny_model(project, tmp_path, tiny_student):
+    tiny_project(project, tmp_path, tiny_student)
+    trained = run_stage("train")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    evaluated = run_stage("evaluate")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+
+    train_metrics = json.loads(Path("metrics/train.json").read_text())
+    assert train_metrics["steps"] == 8 and train_metrics["examples"] == 16
+    eval_metrics = json.loads(Path("metrics/eval.json").read_text())
+    assert set(eval_metrics) == {"base", "finetuned"}
+    for values in eval_metrics.values():
+        assert set(values) >= {
+            "exact",
+            "lenient",
+            "well_formed_share",
+            "ended_at_eos_share",
+            "mean_triples",
+            "sentences_per_second",
+        }
+        assert set(values["exact"]) == {"precision", "recall", "f1", "tp", "fp", "fn"}
+    predictions = read_jsonl("data/predictions.jsonl")
+    assert len(predictions) == 6 and set(predictions[0]) == {"id", "text", "gold", "base", "finetuned"}
+    assert predictions[0]["gold"] == "Person200|was born in|Warsaw"
+    plot = json.loads(Path("metrics/f1.json").read_text())
+    assert [row["model"] for row in plot] == [
+        "base (exact)",
+        "base (lenient)",
+        "finetuned (exact)",
+        "finetuned (lenient)",
+    ]
+
+
+def test_interrupted_training_resumes_from_its_last_checkpoint(project, tmp_path, tiny_student):
+    tiny_project(project, tmp_path, tiny_student, train__max_steps=400, train__save_steps=10, train__epochs=1)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "stages/train.py")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while not list(Path("models/checkpoints").glob("checkpoint-*")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not Path("metrics/train.json").exists() and not Path("models/adapter").exists()
+    result = run_stage("train")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(Path("metrics/train.json").read_text())
+    assert metrics["resumed_from"] and "checkpoint-" in metrics["resumed_from"] and metrics["steps"] == 400
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"student__model": "models/nowhere"}, "student.model: no model folder at models/nowhere"),
+        ({"train__quantization": "nf4"}, "train.quantization: nf4 needs a CUDA GPU"),
+        ({"train__optim": "adamw_8bit"}, "train.optim: adamw_8bit needs a CUDA GPU"),
+        ({"train__max_seq_length": 16}, "train.max_seq_length (16) is shorter than the prompt"),
+        ({"student__chat_template_fallback": "alpaca"}, "student.chat_template_fallback must be null or one of chatml"),
+        ({"train__lr_scheduler": "constant"}, "train.lr_scheduler must be one of"),
+        ({"empty_train": True}, "the train split is empty"),
+        ({"no_template": True}, "has no chat template; set student.chat_template_fallback: chatml"),
+    ],
+)
+def test_bad_training_input_is_one_line_and_writes_nothing(project, tmp_path, tiny_student, overrides, message):
+    student = tiny_student
+    if overrides.pop("no_template", False):
+        student = build_model(tmp_path / "plain", chat_template=None, eos="</s>")
+        overrides["student__chat_template_fallback"] = None
+    empty = overrides.pop("empty_train", False)
+    tiny_project(project, tmp_path, student, **overrides)
+    if empty:
+        write_jsonl(tmp_path / "data/train.jsonl", [])
+    result = run_stage("train")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1]
+    assert not Path("models/adapter").exists() and not Path("metrics/train.json").exists()
