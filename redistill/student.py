@@ -72,13 +72,14 @@ def load_model(params: StudentParams, dtype, device: str, quantization: str = "n
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
+    if device == "cuda":  # straight onto the GPU, without a copy of the weights in host memory first
         options["device_map"] = {"": 0}
     source = resolve_model(params.model)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **options)
     except (OSError, ValueError) as error:
         raise PipelineError(f"could not load student.model {source} ({_first_line(error)})") from None
-    return model if quantization == "nf4" else model.to(device)
+    return model if device == "cuda" else model.to(device)
 
 
 def _first_line(error: Exception) -> str:
