@@ -30,10 +30,10 @@ DEMO_PARAMS := \
 	-S train.lora.r=16 \
 	-S train.lora.alpha=32
 
-.PHONY: help setup demo all test lint push pull clean
+.PHONY: help setup demo demo-params all test lint push pull clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed  ## create the venv and install the pinned requirements and this package
 
@@ -53,6 +53,9 @@ demo: setup  ## run the pipeline offline on the shipped demo corpus (no key, no 
 	@git config user.email >/dev/null || export GIT_AUTHOR_NAME=redistill GIT_AUTHOR_EMAIL=redistill@localhost \
 		GIT_COMMITTER_NAME=redistill GIT_COMMITTER_EMAIL=redistill@localhost; \
 	$(DVC) exp run $(DEMO_PARAMS); status=$$?; mv .params.yaml.real params.yaml; exit $$status
+
+demo-params:  ## print the -S overrides that make demo passes, for your own dvc exp run
+	@echo $(DEMO_PARAMS)
 
 all: setup  ## run the real pipeline with the params in params.yaml (needs GROQ_API_KEY)
 	$(DVC) repro

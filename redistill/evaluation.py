@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from redistill.generation import Generation, generate
 from redistill.params import require
-from redistill.prompts import answer_text, chat_messages
+from redistill.prompts import answer_text
 from redistill.scoring import score
 from redistill.triples import parse_answer
 
@@ -52,28 +52,27 @@ def student_outputs(model, tokenizer, texts: list[str], system_prompt: str, para
     return outputs, time.monotonic() - started
 
 
-def teacher_outputs(teacher, texts: list[str], system_prompt: str):
-    """A teacher over its API as one more model to compare (the post compared Groq's Llama-3-8B)."""
-    started = time.monotonic()
-    outputs = []
-    for text in texts:
-        completion = teacher.complete(chat_messages(text, system_prompt))
-        outputs.append(Generation(completion.text, completion.finish_reason == "stop", completion.completion_tokens))
-    return outputs, time.monotonic() - started
+def teacher_outputs(answer, texts: list[str]) -> tuple[list[Generation], float]:
+    """A model over the teacher's API as one more to compare (the post compared Groq's Llama-3-8B)."""
+    completions, seconds = answer(texts)
+    return [Generation(c.text, c.finish_reason == "stop", c.completion_tokens) for c in completions], seconds
 
 
-def evaluate(params: EvalParams, test: list[dict], load_student, make_teacher, system_prompt: str) -> tuple[dict, list]:
+def evaluate(
+    params: EvalParams, test: list[dict], load_student, teacher_answers, system_prompt: str
+) -> tuple[dict, list]:
     """Metrics per model and one prediction row per test sentence.
 
-    ``load_student(name)`` gives (model, tokenizer) for "base" or "finetuned"; ``make_teacher(model_name)`` a
-    teacher client. Each model is loaded only while it answers, so two never sit in memory together.
+    ``load_student(name)`` gives (model, tokenizer) for "base" or "finetuned"; ``teacher_answers(model_name)`` a
+    function from sentences to that model's completions and the seconds they took. Each model is loaded only
+    while it answers, so two never sit in memory together.
     """
     texts = [record["text"] for record in test]
     golds = [answer_text(record["triples"]) for record in test]
     metrics, answers = {}, {}
     for name in params.models:
         if name.startswith(TEACHER_PREFIX):
-            outputs, seconds = teacher_outputs(make_teacher(name.removeprefix(TEACHER_PREFIX)), texts, system_prompt)
+            outputs, seconds = teacher_outputs(teacher_answers(name.removeprefix(TEACHER_PREFIX)), texts)
         else:
             model, tokenizer = load_student(name)
             outputs, seconds = student_outputs(model, tokenizer, texts, system_prompt, params, name)

@@ -1,13 +1,57 @@
 """The synthesize stage's logic: ask the teacher about each sentence (journal first), clean answers to triples."""
 
+import asyncio
 import time
+from collections import Counter
 
 from tqdm import tqdm
 
+from redistill.errors import PipelineError
 from redistill.prompts import chat_messages
-from redistill.teacher import TeacherParams
+from redistill.teacher import TeacherParams, make_limiter
+from redistill.teacher.base import Completion
+from redistill.teacher.batch import ask_batch
+from redistill.teacher.engine import AskStats, Request, RetryPolicy, ask_all, estimate_tokens
 from redistill.teacher.journal import TeacherJournal, request_key
 from redistill.triples import clean_label
+
+
+def build_requests(texts: list[str], params: TeacherParams) -> list[Request]:
+    requests = []
+    for text in texts:
+        messages = chat_messages(text, params.prompt)
+        key = request_key(params.provider, params.model, messages, params.sampling)
+        requests.append(Request(key, messages, estimate_tokens(messages, params.max_tokens)))
+    return requests
+
+
+def ask(requests: list[Request], params: TeacherParams, teacher, journal: TeacherJournal) -> AskStats:
+    """Ask for every request the journal has no answer to; each answer is journalled as it arrives."""
+
+    def on_answer(request: Request, completion: Completion) -> None:
+        journal.write(
+            {
+                "key": request.key,
+                "model": params.model,
+                "answer": completion.text,
+                "finish_reason": completion.finish_reason,
+                "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": completion.completion_tokens,
+            }
+        )
+
+    with tqdm(total=len(requests), desc=f"teacher ({params.mode})", unit="request") as progress:
+        if params.mode == "batch":
+            job = ask_batch(
+                requests, teacher, journal, on_answer, params.batch_window, params.batch_poll_seconds, progress
+            )
+        else:
+            policy = RetryPolicy(params.max_retries, params.backoff_base, params.backoff_max, params.concurrency)
+            job = ask_all(requests, teacher, on_answer, policy, make_limiter(params), progress=progress)
+        stats = asyncio.run(job)
+    for key, reason in stats.failures.items():
+        journal.write({"key": key, "failed": reason})
+    return stats
 
 
 def label_sentences(
@@ -16,59 +60,65 @@ def label_sentences(
     """Labelled records in the order of ``sentences``, and the stage's counts.
 
     ``teacher_factory`` is called, before any request, only when some answer is missing from the journal, so a
-    fully journalled re-run needs no key, no network and no cassette.
+    fully journalled re-run needs no key, no network and no cassette. If any request still fails after its
+    retries, the run stops with a PipelineError after every other answer is journalled: the next run asks only
+    for the missing ones.
     """
-    stats = dict.fromkeys(
-        [
-            "sentences",
-            "api_calls",
-            "cache_hits",
-            "answers",
-            "triples",
-            "malformed_lines",
-            "prose_lines",
-            "empty_answers",
-            "truncated_answers",
-            "prompt_tokens",
-            "completion_tokens",
-        ],
-        0,
-    )
-    stats["sentences"] = len(sentences)
     started = time.monotonic()
-    requests = []
-    for sentence in sentences:
-        messages = chat_messages(sentence["text"], params.prompt)
-        requests.append((sentence, messages, request_key(params.provider, params.model, messages, params.sampling)))
-    missing = sum(journal.get(key) is None for _, _, key in requests)
-    teacher = teacher_factory() if missing else None
-    labeled = []
-    for sentence, messages, key in tqdm(requests, desc="synthesize", unit="sentence"):
-        entry = journal.get(key)
-        if entry is None:
-            completion = teacher.complete(messages)
-            entry = {
-                "key": key,
-                "id": sentence["id"],
-                "model": params.model,
-                "answer": completion.text,
-                "finish_reason": completion.finish_reason,
-                "prompt_tokens": completion.prompt_tokens,
-                "completion_tokens": completion.completion_tokens,
-            }
-            journal.append(entry)
-            stats["api_calls"] += 1
-            stats["prompt_tokens"] += completion.prompt_tokens
-            stats["completion_tokens"] += completion.completion_tokens
-        else:
-            stats["cache_hits"] += 1
+    requests = build_requests([sentence["text"] for sentence in sentences], params)
+    unique = {request.key: request for request in requests}  # one request per distinct prompt
+    missing = [request for key, request in unique.items() if journal.get(key) is None]
+    asked = ask(missing, params, teacher_factory(), journal) if missing else AskStats()
+    if asked.failures:
+        causes = Counter(reason.split(":")[0] for reason in asked.failures.values())
+        raise PipelineError(
+            f"{len(asked.failures)} of {len(missing)} teacher requests still failed after teacher.max_retries "
+            f"retries ({', '.join(f'{cause} x{count}' for cause, count in causes.most_common())}); the "
+            f"{asked.answered} answers received are journalled: re-run to ask only for the missing ones"
+        )
+
+    labeled, counts = [], Counter()
+    for sentence, request in zip(sentences, requests, strict=True):
+        entry = journal.get(request.key)
         parsed = clean_label(entry["answer"])
-        stats["answers"] += 1
-        stats["triples"] += len(parsed.triples)
-        stats["malformed_lines"] += len(parsed.malformed)
-        stats["prose_lines"] += len(parsed.prose)
-        stats["empty_answers"] += not parsed.triples
-        stats["truncated_answers"] += entry["finish_reason"] == "length"
+        counts["triples"] += len(parsed.triples)
+        counts["malformed_lines"] += len(parsed.malformed)
+        counts["prose_lines"] += len(parsed.prose)
+        counts["empty_answers"] += not parsed.triples
+        counts["truncated_answers"] += entry["finish_reason"] == "length"
         labeled.append({**sentence, "triples": [list(triple) for triple in parsed.triples], "raw": entry["answer"]})
-    stats["seconds"] = round(time.monotonic() - started, 3)
+    seconds = time.monotonic() - started
+    tokens = asked.prompt_tokens + asked.completion_tokens
+    stats = {
+        "sentences": len(sentences),
+        "cache_hits": len(unique) - len(missing),
+        "answers": asked.answered,
+        "requests_sent": asked.sent,
+        "retries": sum(asked.retries.values()),
+        "retries_by_cause": dict(sorted(asked.retries.items())),
+        "failures": len(asked.failures),
+        **{
+            name: counts[name]
+            for name in ("triples", "malformed_lines", "prose_lines", "empty_answers", "truncated_answers")
+        },
+        "prompt_tokens": asked.prompt_tokens,
+        "completion_tokens": asked.completion_tokens,
+        "requests_per_minute": asked.sent / seconds * 60 if seconds and asked.sent else 0.0,
+        "tokens_per_minute": tokens / seconds * 60 if seconds and tokens else 0.0,
+        "wall_seconds": seconds,
+    }
     return labeled, stats
+
+
+def ask_teacher(texts: list[str], params: TeacherParams, teacher) -> tuple[list[Completion], float]:
+    """Answers to ``texts`` from a teacher without a journal: the evaluate stage's teacher comparison."""
+    requests = build_requests(texts, params)
+    answers: dict[str, Completion] = {}
+    policy = RetryPolicy(params.max_retries, params.backoff_base, params.backoff_max, params.concurrency)
+    started = time.monotonic()
+    stats = asyncio.run(
+        ask_all(requests, teacher, lambda r, c: answers.__setitem__(r.key, c), policy, make_limiter(params))
+    )
+    if stats.failures:
+        raise PipelineError(f"{len(stats.failures)} teacher requests failed: {next(iter(stats.failures.values()))}")
+    return [answers[request.key] for request in requests], time.monotonic() - started

@@ -3,6 +3,8 @@
 Writes data/predictions.jsonl, metrics/eval.json and metrics/f1.json (drawn by `dvc plots show`).
 """
 
+from dataclasses import replace
+
 import torch
 
 from redistill import paths
@@ -11,6 +13,7 @@ from redistill.evaluation import EvalParams, evaluate, f1_plot_rows
 from redistill.io import read_jsonl, write_json, write_jsonl
 from redistill.params import load_block, read_params_file
 from redistill.student import StudentParams, load_finetuned, load_model, load_tokenizer
+from redistill.synthesis import ask_teacher
 from redistill.teacher import TeacherParams, make_teacher
 
 
@@ -27,10 +30,13 @@ def main() -> None:
             return load_model(student, dtype, device), load_tokenizer(student)
         return load_finetuned(student, paths.ADAPTER, dtype, device), load_tokenizer(student, source=paths.ADAPTER)
 
-    def teacher_for(model: str):
-        return make_teacher(TeacherParams(**{**teacher.__dict__, "model": model}))
+    def teacher_answers(model: str):
+        params = replace(teacher, model=model)
+        return lambda texts: ask_teacher(texts, params, make_teacher(params))
 
-    metrics, rows = evaluate(eval_params, read_jsonl(paths.SPLITS["test"]), load_student, teacher_for, teacher.prompt)
+    metrics, rows = evaluate(
+        eval_params, read_jsonl(paths.SPLITS["test"]), load_student, teacher_answers, teacher.prompt
+    )
     for name, values in metrics.items():
         print(f"{name}: exact F1 {values['exact']['f1']:.3f}, lenient F1 {values['lenient']['f1']:.3f}")
     write_jsonl(paths.PREDICTIONS, rows)

@@ -53,7 +53,7 @@ def test_sample_synthesize_split_against_a_loopback_groq(project, tmp_path, monk
     ]
     labeled = read_jsonl("data/labeled.jsonl")
     assert labeled[0]["triples"] == [["The", "is followed by", "Congress"]]
-    assert json.loads(Path("metrics/synthesize.json").read_text())["api_calls"] == 0  # the re-run's
+    assert json.loads(Path("metrics/synthesize.json").read_text())["answers"] == 0  # the re-run's
     split = json.loads(Path("metrics/split.json").read_text())
     assert (split["train"], split["val"], split["test"]) == (5, 1, 2)
     assert outputs(tmp_path) == {

@@ -1,8 +1,13 @@
+import asyncio
 import json
 
 import pytest
+import yaml
+from conftest import ROOT
 from fake_provider import FakeProvider
 
+from redistill.errors import PipelineError
+from redistill.params import load_block
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT, chat_messages
 from redistill.synthesis import label_sentences
 from redistill.teacher import TeacherError, TeacherParams, make_teacher
@@ -11,21 +16,15 @@ from redistill.teacher.journal import TeacherJournal, request_key
 SENTENCES = [{"id": str(i), "text": f"Company{i} was founded in City{i}."} for i in range(6)]
 
 
-def teacher_params(**changes):
-    base = dict(
-        provider="groq",
-        model="teacher-model",
-        base_url=None,
-        system_prompt=None,
-        temperature=0.5,
-        max_tokens=128,
-        top_p=1.0,
-        reasoning_effort=None,
-        timeout=10.0,
-        max_retries=0,
-        cassette="cassette.jsonl",
-    )
-    return TeacherParams(**{**base, **changes})
+def teacher_params(**changes) -> TeacherParams:
+    """The shipped teacher params, with ``changes`` and no retries unless asked for."""
+    block = {**yaml.safe_load((ROOT / "params.yaml").read_text())["teacher"], "model": "teacher-model"}
+    block.update(max_retries=0, timeout=10.0, cassette="cassette.jsonl", limits={"rpm": None, "tpm": None, "rpd": None})
+    return load_block(TeacherParams, "teacher", {"teacher": {**block, **changes}})
+
+
+def complete(teacher, text: str, prompt: str = DEFAULT_SYSTEM_PROMPT):
+    return asyncio.run(teacher.complete(chat_messages(text, prompt)))
 
 
 @pytest.fixture
@@ -40,7 +39,7 @@ def server():
 def test_both_sdks_speak_to_a_chat_completions_server(server, monkeypatch, provider, suffix, variable):
     monkeypatch.setenv(variable, "test-key")
     params = teacher_params(provider=provider, base_url=server.url + suffix, reasoning_effort="low")
-    completion = make_teacher(params).complete(chat_messages("Alice lives in Paris.", params.prompt))
+    completion = complete(make_teacher(params), "Alice lives in Paris.", params.prompt)
     assert completion.text == "Alice|is followed by|Paris"
     assert completion.finish_reason == "stop"
     assert completion.prompt_tokens > 0 and completion.completion_tokens == 3
@@ -57,7 +56,7 @@ def test_both_sdks_speak_to_a_chat_completions_server(server, monkeypatch, provi
 def test_the_groq_sdk_honours_groq_base_url(server, monkeypatch):
     monkeypatch.setenv("GROQ_API_KEY", "test-key")
     monkeypatch.setenv("GROQ_BASE_URL", server.url)
-    make_teacher(teacher_params()).complete(chat_messages("A b.", DEFAULT_SYSTEM_PROMPT))
+    complete(make_teacher(teacher_params()), "A b.")
     assert len(server.requests) == 1
 
 
@@ -70,7 +69,7 @@ def test_missing_key_fails_before_any_request(provider, variable):
 def test_bad_key_names_the_variable(server, monkeypatch):
     monkeypatch.setenv("GROQ_API_KEY", "wrong")
     with pytest.raises(TeacherError, match=r"rejected the API key \(401: Invalid API Key\); check GROQ_API_KEY"):
-        make_teacher(teacher_params(base_url=server.url)).complete(chat_messages("x", "y"))
+        complete(make_teacher(teacher_params(base_url=server.url)), "x")
 
 
 @pytest.mark.parametrize("model", ["llama3-70b-8192", "no-such-model"])
@@ -78,23 +77,25 @@ def test_retired_or_unknown_model_names_the_param(server, monkeypatch, model):
     monkeypatch.setenv("GROQ_API_KEY", "test-key")
     teacher = make_teacher(teacher_params(base_url=server.url, model=model))
     with pytest.raises(TeacherError, match=f"teacher model '{model}' is not available.*set teacher.model"):
-        teacher.complete(chat_messages("x", "y"))
+        complete(teacher, "x")
 
 
-def test_unreachable_server_names_the_url(monkeypatch):
+def test_unreachable_server_names_the_url(monkeypatch, tmp_path):
     monkeypatch.setenv("OPENAI_API_KEY", "k")
-    teacher = make_teacher(teacher_params(provider="openai", base_url="http://127.0.0.1:9/v1", timeout=2.0))
-    with pytest.raises(TeacherError, match=r"could not reach the teacher at http://127.0.0.1:9/v1.*teacher.base_url"):
-        teacher.complete(chat_messages("x", "y"))
+    params = teacher_params(provider="openai", base_url="http://127.0.0.1:9/v1", timeout=2.0, max_retries=1)
+    unreachable = r"could not reach the teacher at http://127.0.0.1:9/v1.*teacher.base_url"
+    with pytest.raises(PipelineError, match=unreachable), TeacherJournal(tmp_path / "journal.jsonl") as journal:
+        label_sentences(SENTENCES, params, lambda: make_teacher(params), journal)
+    assert not (tmp_path / "journal.jsonl").exists()
 
 
 def test_replay_answers_from_the_cassette(tmp_path):
     cassette = tmp_path / "cassette.jsonl"
     cassette.write_text(json.dumps({"text": "Alice lives in Paris.", "answer": "Alice|lives in|Paris"}) + "\n")
     teacher = make_teacher(teacher_params(provider="replay", cassette=str(cassette)))
-    assert teacher.complete(chat_messages("alice lives  in Paris.", "p")).text == "Alice|lives in|Paris"
+    assert complete(teacher, "alice lives  in Paris.").text == "Alice|lives in|Paris"
     with pytest.raises(TeacherError, match="has no answer for 'Bob"):
-        teacher.complete(chat_messages("Bob lives in Rome.", "p"))
+        complete(teacher, "Bob lives in Rome.")
     cassette.write_text('{"text": "x"}\n')
     with pytest.raises(TeacherError, match="entry 1 needs string fields 'text' and 'answer'"):
         make_teacher(teacher_params(provider="replay", cassette=str(cassette)))
@@ -107,7 +108,7 @@ class FlakyTeacher:
         self.limit = limit
         self.calls = []
 
-    def complete(self, messages):
+    async def complete(self, messages):
         from redistill.teacher import Completion
 
         if self.limit is not None and len(self.calls) >= self.limit:
@@ -126,7 +127,7 @@ def test_interrupted_run_resumes_without_repeating_a_call(tmp_path):
         labeled, stats = label_sentences(SENTENCES, params, lambda: second, journal)
     assert first.calls == [s["text"] for s in SENTENCES[:4]]
     assert second.calls == [s["text"] for s in SENTENCES[4:]]
-    assert (stats["api_calls"], stats["cache_hits"], stats["triples"]) == (2, 4, 6)
+    assert (stats["answers"], stats["cache_hits"], stats["triples"]) == (2, 4, 6)
     assert [r["id"] for r in labeled] == [s["id"] for s in SENTENCES]
     assert labeled[0]["triples"] == [["Company0", "was founded in", "somewhere"]]
 
@@ -141,7 +142,7 @@ def test_unchanged_rerun_makes_no_call_and_needs_no_teacher(tmp_path):
 
     with TeacherJournal(tmp_path / "journal.jsonl") as journal:
         again, stats = label_sentences(SENTENCES, params, no_teacher, journal)
-    assert again == first and stats["api_calls"] == 0 and stats["cache_hits"] == len(SENTENCES)
+    assert again == first and stats["answers"] == 0 and stats["cache_hits"] == len(SENTENCES)
 
 
 def test_a_changed_sampling_param_asks_again(tmp_path):
@@ -149,7 +150,7 @@ def test_a_changed_sampling_param_asks_again(tmp_path):
     with TeacherJournal(tmp_path / "journal.jsonl") as journal:
         label_sentences(SENTENCES, teacher_params(), lambda: teacher, journal)
         _, stats = label_sentences(SENTENCES, teacher_params(temperature=0.7), lambda: teacher, journal)
-    assert stats["api_calls"] == len(SENTENCES) and len(teacher.calls) == 2 * len(SENTENCES)
+    assert stats["answers"] == len(SENTENCES) and len(teacher.calls) == 2 * len(SENTENCES)
 
 
 def test_request_key_covers_provider_model_messages_and_sampling():
@@ -168,7 +169,7 @@ def test_a_torn_last_line_from_a_crash_is_dropped(tmp_path):
     path.write_text(json.dumps({"key": "a", "answer": "A|r|B"}) + "\n" + '{"key": "b", "ans')
     with TeacherJournal(path) as journal:
         assert journal.get("a") and journal.get("b") is None
-        journal.append({"key": "c", "answer": "C|r|D"})
+        journal.write({"key": "c", "answer": "C|r|D"})
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "c"]
     path.write_text('{"broken\n' + json.dumps({"key": "a"}) + "\n")
     with pytest.raises(Exception, match=r"journal.jsonl:1: not valid JSON; the journal is damaged"):

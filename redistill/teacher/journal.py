@@ -1,4 +1,8 @@
-"""An append-only journal of teacher answers keyed by a hash of the request: resume and re-run for free."""
+"""An append-only journal of teacher answers keyed by a hash of the request: resume and re-run for free.
+
+Three kinds of line: an answer ``{"key", "answer", ...}``; a failure ``{"key", "failed": reason}`` (retried by the
+next run); a batch ``{"batch": id, "keys": [...]}`` submitted, then ``{"batch": id, "done": true}``.
+"""
 
 import hashlib
 import json
@@ -15,12 +19,14 @@ def request_key(provider: str, model: str, messages: list[dict], sampling: dict)
 
 
 class TeacherJournal:
-    """Answers by request key. Each answer is flushed and fsynced as it arrives, so a crash loses none."""
+    """Answers by request key. Each line is flushed and fsynced as it is written, so a crash loses none."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.entries: dict[str, dict] = {}
-        self._file = None  # opened on the first append, so a run that fails early leaves no file behind
+        self.failures: dict[str, str] = {}
+        self.batches: dict[str, list[str]] = {}  # submitted and not yet collected: id -> request keys
+        self._file = None  # opened on the first write, so a run that fails early leaves no file behind
         if self.path.exists():
             self._load()
 
@@ -36,7 +42,19 @@ class TeacherJournal:
                 raise PipelineError(
                     f"{self.path}:{number}: not valid JSON; the journal is damaged: fix or delete that line"
                 ) from None
+            self._apply(entry)
+
+    def _apply(self, entry: dict) -> None:
+        if "batch" in entry:
+            if entry.get("done"):
+                self.batches.pop(entry["batch"], None)
+            else:
+                self.batches[entry["batch"]] = entry["keys"]
+        elif "failed" in entry:
+            self.failures[entry["key"]] = entry["failed"]
+        else:
             self.entries[entry["key"]] = entry
+            self.failures.pop(entry["key"], None)
 
     def _drop_torn_tail(self, size: int) -> None:
         # A crash mid-write leaves a partial last line; cut it so new entries start on a line of their own.
@@ -46,14 +64,14 @@ class TeacherJournal:
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)
 
-    def append(self, entry: dict) -> None:
+    def write(self, entry: dict) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
         self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.entries[entry["key"]] = entry
+        self._apply(entry)
 
     def close(self) -> None:
         if self._file is not None:

@@ -16,7 +16,7 @@ class ReplayTeacher:
                 raise TeacherError(f"{self.cassette}: entry {number} needs string fields 'text' and 'answer'")
             self.answers[sentence_id(record["text"])] = record["answer"]
 
-    def complete(self, messages: list[dict]) -> Completion:
+    async def complete(self, messages: list[dict]) -> Completion:
         text = messages[-1]["content"]
         answer = self.answers.get(sentence_id(text))
         if answer is None:

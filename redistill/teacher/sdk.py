@@ -1,51 +1,66 @@
-"""A teacher behind an official SDK (groq or openai): both expose the same chat-completions surface."""
+"""A teacher behind an official async SDK (groq or openai): both expose the same chat-completions surface."""
 
-from redistill.teacher.base import Completion, TeacherError
+import inspect
+
+from redistill.teacher.base import Completion, RetryableError, TeacherError
+from redistill.teacher.limiter import retry_after_seconds
 
 # Provider error codes that mean "this model name will never work".
 _GONE_MODEL_CODES = {"model_decommissioned", "model_not_found"}
+_RETRYABLE_STATUS = {408, 409, 429}
 
 
 class SdkTeacher:
     def __init__(self, client: object, model: str, sampling: dict, key_variable: str) -> None:
-        self.client = client
+        self.client = client  # groq.AsyncGroq or openai.AsyncOpenAI, with the SDK's own retries off
         self.model = model
         self.sampling = sampling
         self.key_variable = key_variable
 
-    def complete(self, messages: list[dict]) -> Completion:
-        extra = {"reasoning_effort": self.sampling["reasoning_effort"]} if self.sampling["reasoning_effort"] else None
+    def request_body(self, messages: list[dict]) -> dict:
+        """The chat-completions request, as sent online and as written into a batch file."""
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.sampling["temperature"],
+            "max_tokens": self.sampling["max_tokens"],
+            "top_p": self.sampling["top_p"],
+        }
+        if self.sampling["reasoning_effort"]:
+            body["reasoning_effort"] = self.sampling["reasoning_effort"]
+        return body
+
+    async def complete(self, messages: list[dict]) -> Completion:
+        body = self.request_body(messages)
+        extra = {"reasoning_effort": body.pop("reasoning_effort")} if "reasoning_effort" in body else None
         try:
-            response = self.client.chat.completions.create(
-                model=self.model,
-                messages=messages,
-                temperature=self.sampling["temperature"],
-                max_tokens=self.sampling["max_tokens"],
-                top_p=self.sampling["top_p"],
-                extra_body=extra,
-            )
+            raw = await self.client.chat.completions.with_raw_response.create(**body, extra_body=extra)
+            response = raw.parse()
+            if inspect.isawaitable(response):  # groq's async raw response parses asynchronously, openai's does not
+                response = await response
         except Exception as error:
-            raise self._explain(error) from None
+            raise self.explain(error) from None
         if not getattr(response, "choices", None):
-            raise TeacherError(
-                f"teacher at {self.client.base_url} answered with no choices; is it a chat-completions server?"
-            )
-        choice = response.choices[0]
-        usage = response.usage
+            raise RetryableError("empty_choices", "the answer had no choices", headers=raw.headers)
+        choice, usage = response.choices[0], response.usage
         return Completion(
             text=choice.message.content or "",
             finish_reason=choice.finish_reason,
             prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
             completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+            headers=raw.headers,
         )
 
-    def _explain(self, error: Exception) -> TeacherError:
+    def explain(self, error: Exception) -> TeacherError | RetryableError:
+        """Sort an SDK exception into one the run must stop for, and one worth retrying."""
         status = getattr(error, "status_code", None)
         body = getattr(error, "body", None)
         detail = body.get("error", body) if isinstance(body, dict) else body
         code = detail.get("code") if isinstance(detail, dict) else None
         message = detail.get("message") if isinstance(detail, dict) else str(error)
         message = " ".join(str(message).split())
+        response = getattr(error, "response", None)
+        headers = getattr(response, "headers", None) if status is not None else None
         if status in (401, 403):
             return TeacherError(f"teacher rejected the API key ({status}: {message}); check {self.key_variable}")
         if status == 404 or code in _GONE_MODEL_CODES:
@@ -53,14 +68,15 @@ class SdkTeacher:
                 f"teacher model {self.model!r} is not available ({status}: {message}); "
                 "set teacher.model to one the provider lists as current (README: Choosing a teacher model)"
             )
-        if status == 400:
-            return TeacherError(f"teacher rejected the request (400: {message}); check the teacher.* params")
+        if status in _RETRYABLE_STATUS or (status is not None and status >= 500):
+            return RetryableError(str(status), message, retry_after_seconds(headers), headers)
         if status is not None:
-            return TeacherError(
-                f"teacher kept failing ({status}: {message}) after teacher.max_retries retries; "
-                "re-run to resume, answers received so far are kept"
-            )
-        return TeacherError(
-            f"could not reach the teacher at {self.client.base_url} ({type(error).__name__}: {message}); "
-            "check teacher.base_url and the network, then re-run to resume"
-        )
+            return TeacherError(f"teacher rejected the request ({status}: {message}); check the teacher.* params")
+        kind = type(error).__name__
+        if kind == "APITimeoutError":
+            return RetryableError("timeout", message)
+        if kind == "APIConnectionError":
+            return RetryableError("connection", f"could not reach the teacher at {self.client.base_url}: {message}")
+        if kind == "APIResponseValidationError" or isinstance(error, ValueError):
+            return RetryableError("malformed_response", message)
+        raise error
