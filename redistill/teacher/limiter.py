@@ -16,7 +16,6 @@ from redistill.errors import PipelineError
 
 # A quarter second more than the provider's minute: send and arrival times differ by the network's delay.
 WINDOW = 60.25
-DAY = 86400.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
 
@@ -58,8 +57,9 @@ class Limits:
 
 
 class RateLimiter:
-    def __init__(self, limits: Limits, requests_header_is_daily: bool) -> None:
+    def __init__(self, limits: Limits, requests_header_is_daily: bool, window: float = WINDOW) -> None:
         self.limits = Limits(limits.rpm, limits.tpm, limits.rpd)
+        self.window = window  # a minute (and a little), shorter only in tests
         # Groq's x-ratelimit-*-requests headers count requests per day; OpenAI's count them per minute.
         self.requests_header_is_daily = requests_header_is_daily
         self.recent: deque[list[float]] = deque()  # [sent_at, tokens] within the last minute
@@ -68,14 +68,14 @@ class RateLimiter:
         self.lock = asyncio.Lock()
 
     def _expire(self, now: float) -> None:
-        while self.recent and now - self.recent[0][0] >= WINDOW:
+        while self.recent and now - self.recent[0][0] >= self.window:
             self.recent.popleft()
 
     def _wait_needed(self, tokens: int, now: float) -> float:
         self._expire(now)
         waits = [self.hold_until - now]
         if self.limits.rpm is not None and len(self.recent) >= self.limits.rpm:
-            waits.append(self.recent[-self.limits.rpm][0] + WINDOW - now)
+            waits.append(self.recent[-self.limits.rpm][0] + self.window - now)
         if self.limits.tpm is not None and self.recent:
             used = sum(entry[1] for entry in self.recent)
             if used + tokens > self.limits.tpm:
@@ -84,7 +84,7 @@ class RateLimiter:
                 for sent_at, spent in self.recent:
                     freed += spent
                     if freed >= need:
-                        waits.append(sent_at + WINDOW - now)
+                        waits.append(sent_at + self.window - now)
                         break
         return max(waits)
 
