@@ -5,6 +5,7 @@ instead of paying for a second one.
 """
 
 import asyncio
+import inspect
 import json
 
 from tqdm import tqdm
@@ -101,4 +102,8 @@ async def _lines(client, file_id: str | None) -> list[dict]:
     if not file_id:
         return []
     content = await client.files.content(file_id)
-    return [json.loads(line) for line in content.text.splitlines() if line.strip()]
+    # openai's SDK gives the text as a property, groq's async one as a coroutine method.
+    text = content.text() if callable(content.text) else content.text
+    if inspect.isawaitable(text):
+        text = await text
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

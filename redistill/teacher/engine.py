@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from redistill.errors import PipelineError
 from redistill.teacher.base import Completion, RetryableError, TeacherError
-from redistill.teacher.limiter import RateLimiter
+from redistill.teacher.limiter import DailyLimitReached, RateLimiter
 
 
 @dataclass(frozen=True)
@@ -70,9 +69,15 @@ async def ask_all(
     rng = random.Random(seed)
     started = time.monotonic()
 
+    stopped: list[DailyLimitReached] = []  # the day's budget ran out: requests in flight may still finish
+
     async def ask(request: Request) -> None:
         for attempt in range(policy.max_retries + 1):
-            reservation = await limiter.acquire(request.tokens) if limiter else None
+            try:
+                reservation = await limiter.acquire(request.tokens) if limiter else None
+            except DailyLimitReached as error:
+                stopped.append(error)
+                return
             stats.sent += 1
             try:
                 completion = await teacher.complete(request.messages)
@@ -103,7 +108,7 @@ async def ask_all(
         stats.failures[request.key] = reason
 
     async def worker() -> None:
-        while not queue.empty():
+        while not queue.empty() and not stopped:
             request = queue.get_nowait()
             await ask(request)
             if progress is not None:
@@ -121,6 +126,8 @@ async def ask_all(
         async with asyncio.TaskGroup() as group:
             for _ in range(min(policy.concurrency, len(requests))):
                 group.create_task(worker())
-    except* PipelineError as errors:  # a TeacherError, or the daily limit reached
+    except* TeacherError as errors:
         raise errors.exceptions[0] from None
+    if stopped:
+        raise stopped[0]
     return stats
