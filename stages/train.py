@@ -16,7 +16,7 @@ def main() -> None:
     params = read_params_file()
     train_params = load_block(TrainParams, "train", params)
     student = load_block(StudentParams, "student", params)
-    system_prompt = load_block(TeacherParams, "teacher", params).prompt
+    system_prompt = student.prompt(load_block(TeacherParams, "teacher", params).prompt)
     metrics, _ = train(
         train_params,
         student,

@@ -29,7 +29,9 @@ def test_smollm2_imports_loads_fast_and_generates(tmp_path):
     config = json.loads((tmp_path / "base/config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
 
-    student = StudentParams(model=str(tmp_path / "base"), chat_template_fallback=None, attn_implementation="sdpa")
+    student = StudentParams(
+        model=str(tmp_path / "base"), system_prompt=None, chat_template_fallback=None, attn_implementation="sdpa"
+    )
     started = time.monotonic()
     model, tokenizer = load_model(student, torch.float32, "cpu"), load_tokenizer(student)
     assert time.monotonic() - started < 5  # the point of importing once: no GGUF dequantisation on every load

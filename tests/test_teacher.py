@@ -80,6 +80,13 @@ def test_retired_or_unknown_model_names_the_param(server, monkeypatch, model):
         complete(teacher, "x")
 
 
+def test_a_base_url_without_the_api_names_the_param(server, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    teacher = make_teacher(teacher_params(provider="openai", base_url=server.url + "/wrong"))
+    with pytest.raises(TeacherError, match=r"has no chat-completions endpoint \(404: .*check teacher\.base_url"):
+        complete(teacher, "x")
+
+
 def test_unreachable_server_names_the_url(monkeypatch, tmp_path):
     monkeypatch.setenv("OPENAI_API_KEY", "k")
     params = teacher_params(provider="openai", base_url="http://127.0.0.1:9/v1", timeout=2.0, max_retries=1)

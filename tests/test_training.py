@@ -94,7 +94,9 @@ def tiny_train_params(**changes) -> TrainParams:
 
 
 def test_training_lowers_the_loss_and_the_saved_adapter_reloads_identically(tiny_student, tmp_path):
-    student = StudentParams(model=str(tiny_student), chat_template_fallback=None, attn_implementation="sdpa")
+    student = StudentParams(
+        model=str(tiny_student), system_prompt=None, chat_template_fallback=None, attn_implementation="sdpa"
+    )
     metrics, model = train(
         tiny_train_params(),
         student,
@@ -133,7 +135,9 @@ def test_batched_generation_matches_one_at_a_time(tiny_student):
 
     from redistill.student import load_model, load_tokenizer
 
-    student = StudentParams(model=str(tiny_student), chat_template_fallback=None, attn_implementation="eager")
+    student = StudentParams(
+        model=str(tiny_student), system_prompt=None, chat_template_fallback=None, attn_implementation="eager"
+    )
     model, tokenizer = load_model(student, torch.float32, "cpu"), load_tokenizer(student)
     texts = ["A b.", "Marie Curie was born in Warsaw and won two Nobel Prizes.", "Oslo is in Norway."]
     batched = generate(model, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, max_new_tokens=8, batch_size=3)

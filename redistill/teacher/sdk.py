@@ -63,10 +63,15 @@ class SdkTeacher:
         headers = getattr(response, "headers", None) if status is not None else None
         if status in (401, 403):
             return TeacherError(f"teacher rejected the API key ({status}: {message}); check {self.key_variable}")
-        if status == 404 or code in _GONE_MODEL_CODES:
+        if code in _GONE_MODEL_CODES or (status == 404 and "model" in message.lower()):
             return TeacherError(
                 f"teacher model {self.model!r} is not available ({status}: {message}); "
                 "set teacher.model to one the provider lists as current (README: Choosing a teacher model)"
+            )
+        if status == 404:
+            return TeacherError(
+                f"the teacher at {self.client.base_url} has no chat-completions endpoint (404: {message}); "
+                "check teacher.base_url (for openai it ends in /v1)"
             )
         if status in _RETRYABLE_STATUS or (status is not None and status >= 500):
             return RetryableError(str(status), message, retry_after_seconds(headers), headers)
