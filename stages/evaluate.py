@@ -34,9 +34,8 @@ def main() -> None:
         params = replace(teacher, model=model)
         return lambda texts: ask_teacher(texts, params, make_teacher(params))
 
-    metrics, rows = evaluate(
-        eval_params, read_jsonl(paths.SPLITS["test"]), load_student, teacher_answers, teacher.prompt
-    )
+    test = read_jsonl(paths.SPLITS["test"])
+    metrics, rows = evaluate(eval_params, test, load_student, teacher_answers, student.prompt(teacher.prompt))
     for name, values in metrics.items():
         print(f"{name}: exact F1 {values['exact']['f1']:.3f}, lenient F1 {values['lenient']['f1']:.3f}")
     write_jsonl(paths.PREDICTIONS, rows)
