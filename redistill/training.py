@@ -45,6 +45,7 @@ class TrainParams:
     gradient_checkpointing: bool
     max_seq_length: int
     packing: bool
+    group_by_length: bool
     seed: int
     quantization: str
     precision: str
@@ -179,6 +180,8 @@ def train(
         use_cpu=not cuda,
         max_length=params.max_seq_length,
         packing=params.packing,
+        # Batches of similar lengths waste less compute on padding; the order is still shuffled by the seed.
+        train_sampling_strategy="group_by_length" if params.group_by_length else "random",
         seed=params.seed,
         data_seed=params.seed,
         logging_steps=params.logging_steps,
