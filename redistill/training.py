@@ -217,6 +217,7 @@ def train(
     with atomic_dir(adapter_dir) as staging:
         trainer.model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        _sort_target_modules(staging / "adapter_config.json")
     shutil.rmtree(checkpoints)
 
     history = trainer.state.log_history
@@ -244,6 +245,15 @@ def train(
     if cuda:
         metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return metrics, trainer.model
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    # peft keeps target_modules in a set, whose order changes from one process to the next; sorted, two identical
+    # runs write identical bytes (and DVC sees no change).
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 class GlobalStepDVCLive(DVCLiveCallback):

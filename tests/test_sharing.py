@@ -72,6 +72,7 @@ def test_push_to_s3_then_pull_in_a_fresh_clone_needs_no_teacher(tmp_path, s3, ti
         live_teacher = (
             "teacher.provider=groq", "teacher.model=teacher-model", f"teacher.base_url={teacher.url}",
             "teacher.limits.rpm=null", "teacher.limits.tpm=null", "teacher.limits.rpd=null", "sample.limit=40",
+            "split.test_size=8", "split.val_size=4",
         )  # fmt: skip
         output = run_tiny(first, tiny_student, *live_teacher, env={"GROQ_API_KEY": "test-key"})
         assert len(teacher.requests) == 40
