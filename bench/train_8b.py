@@ -117,7 +117,10 @@ def main() -> None:
         "redistill nf4 QLoRA (post's settings)": {"quantization": "nf4"},
         "redistill bf16 LoRA": {"quantization": "none"},
         "redistill bf16 LoRA, no checkpointing": {"quantization": "none", "gradient_checkpointing": False},
-    }
+        "redistill bf16 LoRA, no checkpointing, batch 8 x 1": {
+            "quantization": "none", "gradient_checkpointing": False, "batch_size": 8, "grad_accum": 1,
+        },
+    }  # fmt: skip
     for name, overrides in runs.items():
         workdir = work / name.split(" (")[0].replace(" ", "-").replace(",", "")
         write_jsonl(workdir / "data/train.jsonl", rows)
