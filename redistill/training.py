@@ -12,7 +12,7 @@ from transformers.integrations import DVCLiveCallback
 from redistill.errors import PipelineError
 from redistill.io import atomic_dir
 from redistill.params import require
-from redistill.prompts import prompt_ids, training_example
+from redistill.prompts import training_example
 from redistill.student import StudentParams, load_model, load_tokenizer
 
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_min_lr")
@@ -89,13 +89,13 @@ def build_examples(tokenizer, records: list[dict], system_prompt: str, max_seq_l
     """Tokenised, label-masked examples; those longer than ``max_seq_length`` are dropped and counted."""
     examples, too_long = [], 0
     for record in records:
-        prompt_length = len(prompt_ids(tokenizer, record["text"], system_prompt))
+        example = training_example(tokenizer, record["text"], record["triples"], system_prompt)
+        prompt_length = example["labels"].count(-100)
         if prompt_length >= max_seq_length:
             raise PipelineError(
                 f"train.max_seq_length ({max_seq_length}) is shorter than the prompt ({prompt_length} tokens for "
                 f"sentence {record['id']}); raise it"
             )
-        example = training_example(tokenizer, record["text"], record["triples"], system_prompt)
         if len(example["input_ids"]) > max_seq_length:
             too_long += 1
         else:
