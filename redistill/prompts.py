@@ -22,6 +22,15 @@ CHATML_TEMPLATE = (
 CHAT_TEMPLATE_FALLBACKS = {"chatml": CHATML_TEMPLATE}
 
 
+def teacher_prompt(params: dict) -> str:
+    """``teacher.system_prompt`` of a params.yaml mapping, or the default: for stages that use the teacher's
+    instruction but not the teacher (train), so that teacher code is not among their dependencies."""
+    prompt = (params.get("teacher") or {}).get("system_prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise PipelineError(f"params.yaml: teacher.system_prompt must be a string or null, got {prompt!r}")
+    return prompt or DEFAULT_SYSTEM_PROMPT
+
+
 def chat_messages(text: str, system_prompt: str) -> list[dict]:
     """The system prompt, then the sentence as the user's turn (as the post asked the teacher)."""
     return [{"role": "system", "content": system_prompt}, {"role": "user", "content": text}]

@@ -7,8 +7,8 @@ from redistill import paths
 from redistill.errors import run_stage
 from redistill.io import read_jsonl, write_json
 from redistill.params import load_block, read_params_file
+from redistill.prompts import teacher_prompt
 from redistill.student import StudentParams
-from redistill.teacher import TeacherParams
 from redistill.training import TrainParams, train
 
 
@@ -16,7 +16,7 @@ def main() -> None:
     params = read_params_file()
     train_params = load_block(TrainParams, "train", params)
     student = load_block(StudentParams, "student", params)
-    system_prompt = student.prompt(load_block(TeacherParams, "teacher", params).prompt)
+    system_prompt = student.prompt(teacher_prompt(params))
     metrics, _ = train(
         train_params,
         student,

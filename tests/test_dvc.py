@@ -1,6 +1,8 @@
 """The pipeline through real DVC: `make demo` in a fresh git repository, no-op re-runs, targeted re-runs."""
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -25,6 +27,37 @@ def test_dvc_yaml_declares_the_paths_the_stages_write():
     assert declared("sample") == {str(paths.SENTENCES), "metrics/sample.json"}
     assert declared("synthesize") == {str(paths.LABELED), str(paths.TEACHER_JOURNAL), "metrics/synthesize.json"}
     assert declared("split") == {str(path) for path in paths.SPLITS.values()} | {"metrics/split.json"}
+
+
+def imported_files(script: Path) -> set[str]:
+    """The package's files that ``script`` imports, directly or through other package files, lazily or not."""
+    found: set[str] = set()
+    todo = [script]
+    while todo:
+        for node in ast.walk(ast.parse(todo.pop().read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                # redistill.teacher.sdk -> teacher/__init__.py, teacher/sdk.py (redistill/__init__.py is a docstring)
+                for end in range(2, len(parts) + 1):
+                    base = ROOT.joinpath(*parts[:end])
+                    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+                        relative = str(candidate.relative_to(ROOT))
+                        if parts[0] == "redistill" and candidate.is_file() and relative not in found:
+                            found.add(relative)
+                            todo.append(candidate)
+    return found
+
+
+def test_each_stage_depends_on_exactly_the_code_it_imports():
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        code = {dep for dep in stage["deps"] if dep.startswith(("stages/", "redistill/"))}
+        assert code == {f"stages/{name}.py"} | imported_files(ROOT / f"stages/{name}.py"), name
 
 
 @pytest.mark.slow
