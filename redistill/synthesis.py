@@ -11,7 +11,7 @@ from redistill.prompts import chat_messages
 from redistill.teacher import TeacherParams, make_limiter
 from redistill.teacher.base import Completion
 from redistill.teacher.batch import ask_batch
-from redistill.teacher.engine import AskStats, Request, RetryPolicy, ask_all, estimate_tokens
+from redistill.teacher.engine import AskStats, Request, ask_all, estimate_tokens
 from redistill.teacher.journal import TeacherJournal, request_key
 from redistill.triples import clean_label
 
@@ -46,8 +46,7 @@ def ask(requests: list[Request], params: TeacherParams, teacher, journal: Teache
                 requests, teacher, journal, on_answer, params.batch_window, params.batch_poll_seconds, progress
             )
         else:
-            policy = RetryPolicy(params.max_retries, params.backoff_base, params.backoff_max, params.concurrency)
-            job = ask_all(requests, teacher, on_answer, policy, make_limiter(params), progress=progress)
+            job = ask_all(requests, teacher, on_answer, params.retry_policy, make_limiter(params), progress=progress)
         stats = asyncio.run(job)
     for key, reason in stats.failures.items():
         journal.write({"key": key, "failed": reason})
@@ -114,10 +113,11 @@ def ask_teacher(texts: list[str], params: TeacherParams, teacher) -> tuple[list[
     """Answers to ``texts`` from a teacher without a journal: the evaluate stage's teacher comparison."""
     requests = build_requests(texts, params)
     answers: dict[str, Completion] = {}
-    policy = RetryPolicy(params.max_retries, params.backoff_base, params.backoff_max, params.concurrency)
     started = time.monotonic()
     stats = asyncio.run(
-        ask_all(requests, teacher, lambda r, c: answers.__setitem__(r.key, c), policy, make_limiter(params))
+        ask_all(
+            requests, teacher, lambda r, c: answers.__setitem__(r.key, c), params.retry_policy, make_limiter(params)
+        )
     )
     if stats.failures:
         raise PipelineError(f"{len(stats.failures)} teacher requests failed: {next(iter(stats.failures.values()))}")

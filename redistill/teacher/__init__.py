@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from redistill.params import require
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT
 from redistill.teacher.base import Completion, RetryableError, TeacherError
+from redistill.teacher.engine import RetryPolicy
 from redistill.teacher.limiter import Limits, RateLimiter
 from redistill.teacher.replay import ReplayTeacher
 from redistill.teacher.sdk import SdkTeacher
@@ -76,6 +77,10 @@ class TeacherParams:
     @property
     def prompt(self) -> str:
         return self.system_prompt or DEFAULT_SYSTEM_PROMPT
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.max_retries, self.backoff_base, self.backoff_max, self.concurrency)
 
     @property
     def sampling(self) -> dict:
