@@ -115,8 +115,23 @@ def last_checkpoint(checkpoints: Path, expected: str) -> str | None:
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
     stamp.write_text(expected)
-    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
-    return str(found[-1]) if found else None
+    complete = []
+    for folder in checkpoints.glob("checkpoint-*"):
+        if _is_complete(folder):
+            complete.append(folder)
+        else:  # killed while saving it; the trainer would choke on it, and rewrites it when it gets there again
+            shutil.rmtree(folder)
+    complete.sort(key=lambda path: int(path.name.split("-")[1]))
+    return str(complete[-1]) if complete else None
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    # The trainer writes the weights, the optimizer and the RNG state first and trainer_state.json last.
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def train(

@@ -18,7 +18,7 @@ from redistill.generation import generate
 from redistill.io import read_jsonl
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT, ensure_chat_template, prompt_ids, training_example
 from redistill.student import StudentParams, load_finetuned
-from redistill.training import LoraParams, TrainParams, build_examples, train
+from redistill.training import LoraParams, TrainParams, build_examples, last_checkpoint, train
 
 TRIPLES = [["Marie Curie", "was born in", "Warsaw"], ["Marie Curie", "won", "Nobel Prizes"]]
 TEXT = "Marie Curie was born in Warsaw and won two Nobel Prizes."
@@ -230,6 +230,21 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(project, tmp_path
     metrics = json.loads(Path("metrics/train.json").read_text())
     assert metrics["resumed_from"] and "checkpoint-" in metrics["resumed_from"] and metrics["steps"] == 400
 
+
+
+def test_a_checkpoint_killed_while_being_saved_is_skipped_and_removed(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    assert last_checkpoint(checkpoints, "run-a") is None
+    for step, state in [(10, '{"global_step": 10}'), (20, None), (30, '{"global_st')]:
+        folder = checkpoints / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    assert last_checkpoint(checkpoints, "run-a") == str(checkpoints / "checkpoint-10")
+    assert sorted(path.name for path in checkpoints.glob("checkpoint-*")) == ["checkpoint-10"]
+    assert last_checkpoint(checkpoints, "run-b") is None, "another run's checkpoints are never resumed"
+    assert not list(checkpoints.glob("checkpoint-*"))
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
