@@ -231,7 +231,6 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(project, tmp_path
     assert metrics["resumed_from"] and "checkpoint-" in metrics["resumed_from"] and metrics["steps"] == 400
 
 
-
 def test_a_checkpoint_killed_while_being_saved_is_skipped_and_removed(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     assert last_checkpoint(checkpoints, "run-a") is None
@@ -245,6 +244,7 @@ def test_a_checkpoint_killed_while_being_saved_is_skipped_and_removed(tmp_path):
     assert sorted(path.name for path in checkpoints.glob("checkpoint-*")) == ["checkpoint-10"]
     assert last_checkpoint(checkpoints, "run-b") is None, "another run's checkpoints are never resumed"
     assert not list(checkpoints.glob("checkpoint-*"))
+
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
