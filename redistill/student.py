@@ -65,26 +65,30 @@ def load_tokenizer(params: StudentParams, source: str | None = None):
     return tokenizer
 
 
-def load_model(params: StudentParams, dtype, device: str, quantization: str = "none"):
-    """The student's causal LM on ``device``; ``quantization="nf4"`` loads it 4-bit (QLoRA) through bitsandbytes."""
+def load_model(params: StudentParams, dtype, device: str | None, quantization: str = "none"):
+    """The student's causal LM on ``device`` ("cpu", "cuda", "cuda:1"; None: where it loads, for FSDP to shard and
+    place); ``quantization="nf4"`` loads it 4-bit (QLoRA) through bitsandbytes."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     options = {"dtype": dtype, "attn_implementation": params.attn_implementation}
     if quantization == "nf4":
+        # FSDP+QLoRA: FSDP shards only float tensors of one dtype, so the packed 4-bit weights are stored in dtype.
+        storage = {"bnb_4bit_quant_storage": dtype} if device is None else {}
         options["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            **storage,
         )
-    if device == "cuda":  # straight onto the GPU, without a copy of the weights in host memory first
-        options["device_map"] = {"": 0}
+    if device is not None and device.startswith("cuda"):  # straight onto the GPU, with no copy in host memory first
+        options["device_map"] = {"": device}
     source = resolve_model(params.model)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **options)
     except (OSError, ValueError) as error:
         raise PipelineError(f"could not load student.model {source} ({_first_line(error)})") from None
-    return model if device == "cuda" else model.to(device)
+    return model if device is None or device.startswith("cuda") else model.to(device)
 
 
 def _first_line(error: Exception) -> str:

@@ -7,10 +7,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+from transformers import TrainerCallback
 from transformers.integrations import DVCLiveCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from trl import SFTTrainer
 
 from redistill.errors import PipelineError
 from redistill.io import atomic_dir
+from redistill.launch import STRATEGIES, local_rank, uses_fsdp
 from redistill.params import require
 from redistill.prompts import training_example
 from redistill.student import StudentParams, load_model, load_tokenizer
@@ -52,7 +57,15 @@ class TrainParams:
     max_steps: int
     logging_steps: int
     save_steps: int
+    num_processes: int
+    distributed: str
+    accelerate_config: str | None
     lora: LoraParams
+
+    @property
+    def needs_launch(self) -> bool:
+        """Whether the stage runs as several processes under `accelerate launch`."""
+        return self.num_processes > 1 or self.accelerate_config is not None
 
     def validate(self) -> None:
         require(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
@@ -76,13 +89,25 @@ class TrainParams:
         require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", "must be -1 (whole epochs) or positive")
         require(self.logging_steps > 0, "train.logging_steps", f"must be positive, got {self.logging_steps}")
         require(self.save_steps > 0, "train.save_steps", f"must be positive, got {self.save_steps}")
+        require(self.num_processes > 0, "train.num_processes", f"must be positive, got {self.num_processes}")
+        require(
+            self.distributed in STRATEGIES,
+            "train.distributed",
+            f"must be one of {', '.join(STRATEGIES)}, got {self.distributed!r}",
+        )
 
 
-def _check_hardware(params: TrainParams, cuda: bool) -> None:
+def check_hardware(params: TrainParams) -> bool:
+    """Whether training runs on CUDA; a setting that the hardware can't run is a PipelineError."""
+
+    cuda = torch.cuda.is_available()
     if params.quantization == "nf4" and not cuda:
         raise PipelineError("train.quantization: nf4 needs a CUDA GPU (bitsandbytes 4-bit); set it to none on CPU")
     if "8bit" in params.optim and not cuda:
         raise PipelineError(f"train.optim: {params.optim} needs a CUDA GPU (bitsandbytes); use adamw_torch on CPU")
+    if params.distributed == "fsdp" and not cuda:
+        raise PipelineError("train.distributed: fsdp needs CUDA GPUs; use ddp on CPU")
+    return cuda
 
 
 def build_examples(tokenizer, records: list[dict], system_prompt: str, max_seq_length: int) -> tuple[list[dict], int]:
@@ -108,8 +133,11 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def last_checkpoint(checkpoints: Path, expected: str) -> str | None:
-    """The newest checkpoint of an interrupted run with the same fingerprint; stale ones are removed."""
+def last_checkpoint(checkpoints: Path, expected: str, tidy: bool = True) -> str | None:
+    """The newest complete checkpoint of an interrupted run with the same fingerprint. With ``tidy`` (the main
+    process), stale and incomplete ones are removed first."""
+    if not tidy:
+        return _newest(list(checkpoints.glob("checkpoint-*")))
     stamp = checkpoints / "fingerprint.txt"
     if checkpoints.exists() and (not stamp.exists() or stamp.read_text() != expected):
         shutil.rmtree(checkpoints)
@@ -121,8 +149,11 @@ def last_checkpoint(checkpoints: Path, expected: str) -> str | None:
             complete.append(folder)
         else:  # killed while saving it; the trainer would choke on it, and rewrites it when it gets there again
             shutil.rmtree(folder)
-    complete.sort(key=lambda path: int(path.name.split("-")[1]))
-    return str(complete[-1]) if complete else None
+    return _newest(complete)
+
+
+def _newest(checkpoints: list[Path]) -> str | None:
+    return str(max(checkpoints, key=lambda path: int(path.name.split("-")[1]))) if checkpoints else None
 
 
 def _is_complete(checkpoint: Path) -> bool:
@@ -146,14 +177,13 @@ def train(
 ) -> tuple[dict, object]:
     """Fine-tune, save the adapter (with tokenizer and chat template) to ``adapter_dir``; return the metrics and
     the trained (PEFT) model."""
-    import torch
     from datasets import Dataset
     from dvclive import Live
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-    cuda = torch.cuda.is_available()
-    _check_hardware(params, cuda)
+    cuda = check_hardware(params)
+    fsdp = uses_fsdp()
     if not train_records:
         raise PipelineError("the train split is empty; label more sentences or lower split.test_size/val_size")
     bf16 = params.precision == "bf16" or (params.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
@@ -165,8 +195,10 @@ def train(
     if not train_examples:
         raise PipelineError(f"every training example is longer than train.max_seq_length ({params.max_seq_length})")
 
-    model = load_model(student, dtype, "cuda" if cuda else "cpu", params.quantization)
-    if params.quantization == "nf4":
+    # Each DDP process holds the whole student on its own GPU; under FSDP, accelerate shards and places it.
+    device = None if fsdp else f"cuda:{local_rank()}" if cuda else "cpu"
+    model = load_model(student, dtype, device, params.quantization)
+    if params.quantization == "nf4" and not fsdp:  # its fp32 upcasts would break FSDP's uniform-dtype shards
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
@@ -185,6 +217,8 @@ def train(
         per_device_eval_batch_size=params.batch_size,
         gradient_accumulation_steps=params.grad_accum,
         activation_checkpointing=params.gradient_checkpointing,
+        # FSDP+QLoRA needs reentrant recomputation (the published recipe); elsewhere, the library default.
+        activation_checkpointing_kwargs={"use_reentrant": True} if fsdp else None,
         learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler,
         warmup_steps=params.warmup_ratio,  # a float in [0, 1) is a fraction of the total steps
@@ -203,25 +237,33 @@ def train(
         save_steps=params.save_steps,
         save_total_limit=1,
         eval_strategy="epoch" if val_examples else "no",
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="non_padding",  # summed over all processes
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search would cost a graph walk
         report_to="none",
         disable_tqdm=False,
     )
-    resume = last_checkpoint(checkpoints, fingerprint(asdict(params), asdict(student), system_prompt, train_examples))
-    # A resumed run appends to the loss log it started; a new one starts it afresh.
-    live = Live(dir=str(log_dir), resume=resume is not None, dvcyaml=None, save_dvc_exp=False, report=None)
+    main = config.process_index == 0  # the one process that writes outputs; the others only train
+    expected = fingerprint(asdict(params), asdict(student), system_prompt, train_examples)
+    with config.main_process_first(local=False):  # the main process tidies the checkpoints before anyone reads
+        resume = last_checkpoint(checkpoints, expected, tidy=main)
+    clock = StepClock()
+    callbacks = [clock]
+    if main:  # a resumed run appends to the loss log it started; a new one starts it afresh
+        live = Live(dir=str(log_dir), resume=resume is not None, dvcyaml=None, save_dvc_exp=False, report=None)
+        callbacks.append(GlobalStepDVCLive(live=live))
     try:
-        trainer = SFTTrainer(
+        trainer = Trainer(
             model=model,
             args=config,
             train_dataset=Dataset.from_list(train_examples),
             eval_dataset=Dataset.from_list(val_examples) if val_examples else None,
             processing_class=tokenizer,
             peft_config=lora,
-            callbacks=[GlobalStepDVCLive(live=live)],
+            callbacks=callbacks,
         )
     except ValueError as error:  # peft: target modules that the model does not have
         raise PipelineError(f"train.lora.target_modules: {error}") from None
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before FSDP flattens them
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -229,11 +271,18 @@ def train(
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.monotonic() - started
 
-    with atomic_dir(adapter_dir) as staging:
-        trainer.model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        _sort_target_modules(staging / "adapter_config.json")
-    shutil.rmtree(checkpoints)
+    if trainer.is_fsdp_enabled:  # gather the adapter's shards into whole tensors for the main process to save
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # every process takes part under FSDP
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    if main:
+        with atomic_dir(adapter_dir) as staging:
+            trained.save_pretrained(staging, state_dict=state_dict)
+            tokenizer.save_pretrained(staging)
+            _sort_target_modules(staging / "adapter_config.json")
+    trainer.accelerator.wait_for_everyone()
+    if main:
+        shutil.rmtree(checkpoints)
 
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
@@ -249,17 +298,20 @@ def train(
         "examples_too_long": train_too_long,
         "tokens_seen": tokens,
         "tokens_per_second": tokens / seconds if seconds else None,
+        "tokens_per_second_after_warmup": clock.rate_after_warmup(),
         "steps_per_second": trainer.state.global_step / seconds if seconds else None,
         "runtime_seconds": seconds,
         "resumed_from": resume,
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "trainable_parameters": trainable,
+        "num_processes": config.world_size,
+        "global_batch_size": params.batch_size * params.grad_accum * config.world_size,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "precision": "bf16" if bf16 else "fp32",
         "quantization": params.quantization,
     }
-    if cuda:
+    if cuda:  # the main process's GPU; the others hold the same under DDP
         metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return metrics, trainer.model
+    return metrics, trained
 
 
 def _sort_target_modules(config_path: Path) -> None:
@@ -271,6 +323,24 @@ def _sort_target_modules(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+class StepClock(TrainerCallback):
+    """Times the optimiser steps, for a throughput without the first steps' warm-up (kernel selection, NCCL setup)."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, int]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.marks.append((time.monotonic(), state.num_input_tokens_seen))
+
+    def rate_after_warmup(self) -> float | None:
+        """Tokens per second over all but the first tenth of the steps (at least one) of this run."""
+        skip = max(1, len(self.marks) // 10)
+        if len(self.marks) - skip < 2:
+            return None
+        (started, tokens_before), (ended, tokens_after) = self.marks[skip - 1], self.marks[-1]
+        return (tokens_after - tokens_before) / (ended - started)
+
+
 class GlobalStepDVCLive(DVCLiveCallback):
     """DVCLive counts its own steps (one per log call); pin them to the trainer's global step so that the loss
     and eval-loss curves share an x axis."""
@@ -279,3 +349,29 @@ class GlobalStepDVCLive(DVCLiveCallback):
         if self.live is not None:
             self.live.step = state.global_step
         return super().on_log(args, state, control, **kwargs)
+
+
+class Trainer(SFTTrainer):
+    """trl's SFTTrainer, with batches grouped by length in the same order on every process."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return EpochSeededLengthGroupedSampler(batch, lengths=lengths, seed=self.args.seed)
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped order drawn from (seed, epoch). transformers draws it from each process's global RNG, and
+    those drift apart once training starts: with several processes, the shards of an epoch would overlap, repeating
+    some examples and skipping others. Seeded by epoch, a resumed run also sees the order it would have seen."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)

@@ -89,6 +89,9 @@ def tiny_train_params(**changes) -> TrainParams:
         max_steps=-1,
         logging_steps=1,
         save_steps=50,
+        num_processes=1,
+        distributed="ddp",
+        accelerate_config=None,
         lora=LoraParams(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     )
     return TrainParams(**{**base, **changes})

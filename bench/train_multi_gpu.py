@@ -1,0 +1,90 @@
+"""Benchmark the train stage on 1, 2, ... GPUs of one host: the Llama-3-8B architecture (random weights), LoRA.
+
+Each run is `stages/train.py` with `train.num_processes` set, so it goes through `accelerate launch` (DDP) exactly
+as a user's run would. Every GPU gets the same per-device batch, so N GPUs see N times the sentences per step
+(weak scaling); per-GPU efficiency = tokens/s on N GPUs / (N x tokens/s on one). Optionally also runs FSDP+QLoRA
+(`train.distributed: fsdp`, nf4) and DDP QLoRA with the shipped params on all GPUs, as working checks.
+
+    python bench/train_multi_gpu.py --tokenizer models/base --data sft_train_data.json --gpus 1,2 --out scaling.json
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from train_8b import build_random_llama3_8b, labelled_rows, run_stage
+
+from redistill.io import write_json, write_jsonl
+
+# The fastest one-GPU recipe of BENCHMARKS.md: bf16 LoRA, no recomputation, one micro-batch of 8 per step.
+FAST_LORA = {
+    "quantization": "none",
+    "gradient_checkpointing": False,
+    "batch_size": 8,
+    "grad_accum": 1,
+}
+CHECKS = {
+    "DDP QLoRA (params.yaml as shipped)": {},
+    "FSDP+QLoRA (nf4, sharded)": {"quantization": "nf4", "distributed": "fsdp", "optim": "adamw_torch"},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", required=True, help="folder of a tokenizer (e.g. models/base)")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--gpus", default=None, help="comma-separated GPU counts (default: 1 and all)")
+    parser.add_argument("--max-steps", type=int, default=30)
+    parser.add_argument("--check-steps", type=int, default=0, help="steps of each check run on all GPUs (0: none)")
+    parser.add_argument("--work", default="bench-work")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    available = torch.cuda.device_count()
+    counts = [int(n) for n in args.gpus.split(",")] if args.gpus else sorted({1, available})
+    work = Path(args.work).resolve()
+    model = work / "llama3-8b-random"
+    results = {
+        "device": f"{available} x {torch.cuda.get_device_name()}",
+        "torch": torch.__version__,
+        "max_steps": args.max_steps,
+        "recipe": FAST_LORA,
+        "build_seconds": build_random_llama3_8b(model, args.tokenizer),
+    }
+    rows = labelled_rows(args.data)
+
+    def run(name: str, steps: int, overrides: dict) -> dict:
+        workdir = work / name
+        write_jsonl(workdir / "data/train.jsonl", rows)
+        write_jsonl(workdir / "data/val.jsonl", [])
+        started = time.monotonic()
+        metrics = run_stage(workdir, model, steps, overrides)
+        metrics["stage_seconds"] = time.monotonic() - started  # with model loading and process start-up
+        results[name] = metrics
+        write_json(args.out, results)  # what has run so far survives a later run's failure
+        print(name, json.dumps(metrics), flush=True)
+        return metrics
+
+    single = None
+    for count in counts:
+        metrics = run(f"lora-{count}gpu", args.max_steps, {**FAST_LORA, "num_processes": count})
+        if count == 1:
+            single = metrics
+        elif single:
+            for rate in ("tokens_per_second", "tokens_per_second_after_warmup"):
+                metrics[f"efficiency ({rate})"] = metrics[rate] / (count * single[rate])
+            write_json(args.out, results)
+    if args.check_steps:
+        for name, overrides in CHECKS.items():
+            try:
+                run(name, args.check_steps, {**overrides, "num_processes": available})
+            except Exception as error:  # a check that fails is a result to report, not the end of the benchmark
+                results[name] = {"failed": str(error)}
+                write_json(args.out, results)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
