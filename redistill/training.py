@@ -261,8 +261,10 @@ def train(
             peft_config=lora,
             callbacks=callbacks,
         )
-    except ValueError as error:  # peft: target modules that the model does not have
-        raise PipelineError(f"train.lora.target_modules: {error}") from None
+    except ValueError as error:
+        if "target module" not in str(error).lower():
+            raise
+        raise PipelineError(f"train.lora.target_modules: {error}") from None  # modules that the model does not have
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before FSDP flattens them
 
     if cuda:
