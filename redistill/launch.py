@@ -40,13 +40,6 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def use_one_gpu() -> None:
-    """In a single process, train on the first visible GPU: with several visible, the trainer would wrap the model
-    in DataParallel, which it refuses (several GPUs are what train.num_processes is for)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0] if visible else "0"
-
-
 def uses_fsdp() -> bool:
     """True in a process that accelerate launched with FSDP (from train.distributed or a config file)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")

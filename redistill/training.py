@@ -15,7 +15,7 @@ from trl import SFTTrainer
 
 from redistill.errors import PipelineError
 from redistill.io import atomic_dir
-from redistill.launch import STRATEGIES, local_rank, uses_fsdp
+from redistill.launch import STRATEGIES, is_launched, local_rank, uses_fsdp
 from redistill.params import require
 from redistill.prompts import training_example
 from redistill.student import StudentParams, load_model, load_tokenizer
@@ -242,6 +242,10 @@ def train(
         report_to="none",
         disable_tqdm=False,
     )
+    if cuda and not is_launched() and config.n_gpu > 1:
+        # One process trains on one GPU: with several visible, the trainer would wrap the model in DataParallel,
+        # which trl refuses. Several GPUs are what train.num_processes is for.
+        config._n_gpu = 1
     main = config.process_index == 0  # the one process that writes outputs; the others only train
     expected = fingerprint(asdict(params), asdict(student), system_prompt, train_examples)
     with config.main_process_first(local=False):  # the main process tidies the checkpoints before anyone reads

@@ -8,7 +8,7 @@ process per GPU, and the main process writes the outputs. An interrupted run res
 from redistill import paths
 from redistill.errors import run_stage
 from redistill.io import read_jsonl, write_json
-from redistill.launch import is_launched, is_main_process, launch, use_one_gpu
+from redistill.launch import is_launched, is_main_process, launch
 from redistill.params import load_block, read_params_file
 from redistill.prompts import teacher_prompt
 from redistill.student import StudentParams
@@ -23,8 +23,6 @@ def main() -> None:
         check_hardware(train_params)
         launch(__file__, train_params.num_processes, train_params.distributed, train_params.accelerate_config)
         return
-    if not is_launched():
-        use_one_gpu()
     system_prompt = student.prompt(teacher_prompt(params))
     metrics, _ = train(
         train_params,

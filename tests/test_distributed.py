@@ -70,7 +70,7 @@ def test_launch_command_for_ddp_fsdp_and_a_config_file():
 
 
 def test_a_missing_accelerate_config_is_one_clear_error():
-    with pytest.raises(PipelineError, match="train.accelerate_config: no file at nowhere.yaml"):
+    with pytest.raises(PipelineError, match=r"train.accelerate_config: no file at nowhere\.yaml"):
         launch("stages/train.py", 1, "ddp", "nowhere.yaml")
 
 
