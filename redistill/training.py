@@ -99,7 +99,6 @@ class TrainParams:
 
 def check_hardware(params: TrainParams) -> bool:
     """Whether training runs on CUDA; a setting that the hardware can't run is a PipelineError."""
-
     cuda = torch.cuda.is_available()
     if params.quantization == "nf4" and not cuda:
         raise PipelineError("train.quantization: nf4 needs a CUDA GPU (bitsandbytes 4-bit); set it to none on CPU")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT, labeled_rows, write_jsonl
 from tiny_model import build_model, build_tokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -260,6 +261,7 @@ def test_a_checkpoint_killed_while_being_saved_is_skipped_and_removed(tmp_path):
         ({"train__lr_scheduler": "constant"}, "train.lr_scheduler must be one of"),
         ({"empty_train": True}, "the train split is empty"),
         ({"no_template": True}, "has no chat template; set student.chat_template_fallback: chatml"),
+        ({"target_modules": ["qkv"]}, "train.lora.target_modules: Target modules {'qkv'} not found"),
     ],
 )
 def test_bad_training_input_is_one_line_and_writes_nothing(project, tmp_path, tiny_student, overrides, message):
@@ -268,7 +270,12 @@ def test_bad_training_input_is_one_line_and_writes_nothing(project, tmp_path, ti
         student = build_model(tmp_path / "plain", chat_template=None, eos="</s>")
         overrides["student__chat_template_fallback"] = None
     empty = overrides.pop("empty_train", False)
+    target_modules = overrides.pop("target_modules", None)
     tiny_project(project, tmp_path, student, **overrides)
+    if target_modules:
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        params["train"]["lora"]["target_modules"] = target_modules
+        Path("params.yaml").write_text(yaml.safe_dump(params))
     if empty:
         write_jsonl(tmp_path / "data/train.jsonl", [])
     result = run_stage("train")
