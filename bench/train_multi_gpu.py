@@ -26,8 +26,8 @@ FAST_LORA = {
     "grad_accum": 1,
 }
 CHECKS = {
-    "DDP QLoRA (params.yaml as shipped)": {},
-    "FSDP+QLoRA (nf4, sharded)": {"quantization": "nf4", "distributed": "fsdp", "optim": "adamw_torch"},
+    "ddp-qlora": {},  # params.yaml as shipped: nf4 QLoRA through DDP
+    "fsdp-qlora": {"quantization": "nf4", "distributed": "fsdp", "optim": "adamw_torch"},
 }
 
 
@@ -35,15 +35,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", required=True, help="folder of a tokenizer (e.g. models/base)")
     parser.add_argument("--data", required=True)
-    parser.add_argument("--gpus", default=None, help="comma-separated GPU counts (default: 1 and all)")
+    parser.add_argument("--gpus", default=None, help="comma-separated GPU counts (default: 1 and all; '' for none)")
     parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--check-steps", type=int, default=0, help="steps of each check run on all GPUs (0: none)")
+    parser.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated, of: {', '.join(CHECKS)}")
     parser.add_argument("--work", default="bench-work")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     available = torch.cuda.device_count()
-    counts = [int(n) for n in args.gpus.split(",")] if args.gpus else sorted({1, available})
+    counts = [int(n) for n in args.gpus.split(",") if n] if args.gpus is not None else sorted({1, available})
+    checks = args.checks.split(",")
+    if unknown := set(checks) - set(CHECKS):
+        parser.error(f"unknown check(s) {', '.join(sorted(unknown))}; choose from {', '.join(CHECKS)}")
     work = Path(args.work).resolve()
     model = work / "llama3-8b-random"
     results = {
@@ -77,9 +81,9 @@ def main() -> None:
                 metrics[f"efficiency ({rate})"] = metrics[rate] / (count * single[rate])
             write_json(args.out, results)
     if args.check_steps:
-        for name, overrides in CHECKS.items():
+        for name in checks:
             try:
-                run(name, args.check_steps, {**overrides, "num_processes": available})
+                run(name, args.check_steps, {**CHECKS[name], "num_processes": available})
             except Exception as error:  # a check that fails is a result to report, not the end of the benchmark
                 results[name] = {"failed": str(error)}
                 write_json(args.out, results)
