@@ -95,6 +95,12 @@ class TrainParams:
             "train.distributed",
             f"must be one of {', '.join(STRATEGIES)}, got {self.distributed!r}",
         )
+        require(
+            not (self.distributed == "fsdp" and "8bit" in self.optim),
+            "train.optim",
+            f"{self.optim} does not work with train.distributed: fsdp (FSDP can't shard bitsandbytes' 8-bit optimiser "
+            "states); use adamw_torch",
+        )
 
 
 def check_hardware(params: TrainParams) -> bool:
@@ -176,9 +182,10 @@ def train(
 ) -> tuple[dict, object]:
     """Fine-tune, save the adapter (with tokenizer and chat template) to ``adapter_dir``; return the metrics and
     the trained (PEFT) model."""
+    from accelerate.utils import extract_model_from_parallel
     from datasets import Dataset
     from dvclive import Live
-    from peft import LoraConfig
+    from peft import LoraConfig, get_peft_model_state_dict
     from trl import SFTConfig
 
     cuda = check_hardware(params)
@@ -196,6 +203,8 @@ def train(
 
     # Each DDP process holds the whole student on its own GPU; under FSDP, accelerate shards and places it.
     device = None if fsdp else f"cuda:{local_rank()}" if cuda else "cpu"
+    if cuda:  # bitsandbytes quantizes onto the current GPU, and FSDP requires it to be this process's own
+        torch.cuda.set_device(local_rank())
     model = load_model(student, dtype, device, params.quantization)
     if params.quantization == "nf4" and not fsdp:  # its fp32 upcasts would break FSDP's uniform-dtype shards
         from peft import prepare_model_for_kbit_training
@@ -276,11 +285,13 @@ def train(
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.monotonic() - started
 
-    if trainer.is_fsdp_enabled:  # gather the adapter's shards into whole tensors for the main process to save
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # every process takes part under FSDP
-    trained = trainer.accelerator.unwrap_model(trainer.model)
+    # Under FSDP this gathers the shards into whole tensors on the main process; every process takes part.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    # Recursive: peft finds the adapter's keys by module name, and names inside nested FSDP units would not match.
+    trained = extract_model_from_parallel(trainer.model, recursive=True)
     if main:
+        if not get_peft_model_state_dict(trained, state_dict=state_dict):
+            raise PipelineError("train: the trained adapter came out empty; please report this with your params.yaml")
         with atomic_dir(adapter_dir) as staging:
             trained.save_pretrained(staging, state_dict=state_dict)
             tokenizer.save_pretrained(staging)

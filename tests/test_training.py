@@ -259,6 +259,10 @@ def test_a_checkpoint_killed_while_being_saved_is_skipped_and_removed(tmp_path):
         ({"train__max_seq_length": 16}, "train.max_seq_length (16) is shorter than the prompt"),
         ({"student__chat_template_fallback": "alpaca"}, "student.chat_template_fallback must be null or one of chatml"),
         ({"train__lr_scheduler": "constant"}, "train.lr_scheduler must be one of"),
+        (
+            {"train__distributed": "fsdp", "train__optim": "adamw_8bit"},
+            "train.optim adamw_8bit does not work with train.distributed: fsdp",
+        ),
         ({"empty_train": True}, "the train split is empty"),
         ({"no_template": True}, "has no chat template; set student.chat_template_fallback: chatml"),
         ({"target_modules": ["qkv"]}, "train.lora.target_modules: Target modules {'qkv'} not found"),
