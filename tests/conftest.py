@@ -7,7 +7,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # fake_provider
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # fake_provider, browser
+
+from browser import chromium  # noqa: E402, F401  (the fixture)
 
 
 @pytest.fixture
