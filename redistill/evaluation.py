@@ -87,10 +87,16 @@ def evaluate(
     return metrics, rows
 
 
-def f1_plot_rows(metrics: dict) -> list[dict]:
-    """One row per model and mode, for `dvc plots` to draw as bars."""
-    return [
+def plot_rows(metrics: dict) -> tuple[list[dict], list[dict]]:
+    """Rows for `dvc plots` to draw as bars: F1 per model and scoring; well-formed and EOS shares per model."""
+    f1 = [
         {"model": f"{name} ({mode})", "f1": values[mode]["f1"]}
         for name, values in metrics.items()
         for mode in ("exact", "lenient")
     ]
+    answers = [
+        {"model": f"{name} ({label})", "share": values[key]}
+        for name, values in metrics.items()
+        for key, label in (("well_formed_share", "well-formed lines"), ("ended_at_eos_share", "ended at EOS"))
+    ]
+    return f1, answers

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-PARAMS = Path("params.yaml")
+PARAMS = Path("params.yaml")  # of the workspace the stage runs in: the project root, or demo/
 SENTENCES = Path("data/sentences.jsonl")
 LABELED = Path("data/labeled.jsonl")
 TEACHER_JOURNAL = Path("data/teacher_journal.jsonl")
@@ -14,3 +14,4 @@ ADAPTER = Path("models/adapter")
 CHECKPOINTS = Path("models/checkpoints")
 TRAIN_LOG = METRICS / "train"
 F1_PLOT = METRICS / "f1.json"
+ANSWERS_PLOT = METRICS / "answers.json"

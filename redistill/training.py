@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 from transformers.integrations import DVCLiveCallback
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
@@ -277,6 +278,8 @@ def train(
         if "target module" not in str(error).lower():
             raise
         raise PipelineError(f"train.lora.target_modules: {error}") from None  # modules that the model does not have
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossInProgressBar)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before FSDP flattens them
 
     if cuda:
@@ -355,6 +358,15 @@ class StepClock(TrainerCallback):
             return None
         (started, tokens_before), (ended, tokens_after) = self.marks[skip - 1], self.marks[-1]
         return (tokens_after - tokens_before) / (ended - started)
+
+
+class LossInProgressBar(ProgressCallback):
+    """The trainer's progress bar, with the latest losses in its postfix rather than a dict printed at each log."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {"loss": logs.get("loss"), "val_loss": logs.get("eval_loss")}
+            self.training_bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None}, refresh=False)
 
 
 class GlobalStepDVCLive(DVCLiveCallback):

@@ -1,6 +1,6 @@
 """Stage evaluate: base and fine-tuned student (and optionally a teacher) answer the test split; scored.
 
-Writes data/predictions.jsonl, metrics/eval.json and metrics/f1.json (drawn by `dvc plots show`).
+Writes data/predictions.jsonl, metrics/eval.json, and metrics/f1.json and metrics/answers.json for `dvc plots show`.
 """
 
 from dataclasses import replace
@@ -9,7 +9,7 @@ import torch
 
 from redistill import paths
 from redistill.errors import run_stage
-from redistill.evaluation import EvalParams, evaluate, f1_plot_rows
+from redistill.evaluation import EvalParams, evaluate, plot_rows
 from redistill.io import read_jsonl, write_json, write_jsonl
 from redistill.params import load_block, read_params_file
 from redistill.student import StudentParams, load_finetuned, load_model, load_tokenizer
@@ -40,7 +40,9 @@ def main() -> None:
         print(f"{name}: exact F1 {values['exact']['f1']:.3f}, lenient F1 {values['lenient']['f1']:.3f}")
     write_jsonl(paths.PREDICTIONS, rows)
     write_json(paths.METRICS / "eval.json", metrics)
-    write_json(paths.F1_PLOT, f1_plot_rows(metrics))
+    f1_rows, answer_rows = plot_rows(metrics)
+    write_json(paths.F1_PLOT, f1_rows)
+    write_json(paths.ANSWERS_PLOT, answer_rows)
 
 
 if __name__ == "__main__":

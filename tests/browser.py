@@ -39,7 +39,8 @@ class PageVisit:
     @property
     def network_requests(self) -> list[str]:
         """Addresses the page asked for beyond its own file and inlined data."""
-        return [url for url in self.requested if not url.startswith(("file:", "data:", "blob:", "about:", "chrome:", "chrome-untrusted:"))]
+        local = ("file:", "data:", "blob:", "about:", "chrome:", "chrome-untrusted:")
+        return [url for url in self.requested if not url.startswith(local)]
 
 
 @pytest.fixture(scope="session")

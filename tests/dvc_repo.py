@@ -2,36 +2,21 @@
 
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from conftest import ROOT
 
 VENV = Path(sys.executable).parent.parent
-PROJECT_FILES = [
-    "dvc.yaml",
-    "params.yaml",
-    "Makefile",
-    "requirements.txt",
-    "pyproject.toml",
-    ".dvcignore",
-    ".gitignore",
-    ".dvc/config",
-    ".dvc/.gitignore",
-    "stages",
-    "redistill",
-    "data/demo",
-]
 
 
-def demo_params() -> list[str]:
-    """The `-S key=value` overrides that `make demo` passes, read from the Makefile."""
-    block = (ROOT / "Makefile").read_text().split("DEMO_PARAMS :=")[1].split("\n\n")[0].replace("\\\n", " ")
-    words = shlex.split(block)
-    return [value for flag, value in zip(words[::2], words[1::2], strict=True) if flag == "-S"]
+def project_files() -> list[str]:
+    """What a clone of the project holds: the files git tracks (a new file counts once it is `git add`ed)."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
+    return [name for name in listed if (ROOT / name).is_file()]
 
 
 GIT_IDENTITY = {
@@ -54,19 +39,17 @@ def ran(output: str) -> list[str]:
 
 
 def make_repo(folder: Path) -> Path:
-    """A fresh git repository holding the project's files, as a clone would, with a remote of its own."""
-    for name in PROJECT_FILES:
-        source, target = ROOT / name, folder / name
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "parts"))
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
+    """A fresh git repository holding the project's files, as a clone would, with remotes of its own."""
+    for name in project_files():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, folder / name)
     sh("git", "init", "-q", cwd=folder)
     sh("git", "add", "-A", cwd=folder)
     sh("git", "commit", "-qm", "project", cwd=folder)
-    # Each test repository pushes to its own default remote, not to the shared one beside the checkout.
-    sh("dvc", "remote", "modify", "--local", "local", "url", str(folder.parent / f"{folder.name}-remote"), cwd=folder)
+    # Each test repository pushes to a remote of its own, not to the shared one beside the checkout.
+    for workspace in (folder, folder / "demo"):
+        remote = folder.parent / f"{folder.name}-remote"
+        sh("dvc", "remote", "modify", "--local", "local", "url", str(remote), cwd=workspace)
     return folder
 
 
@@ -75,18 +58,47 @@ def make_demo(repo: Path) -> str:
     return sh("make", "-o", f"{VENV}/.installed", "demo", f"VENV={VENV}", cwd=repo)
 
 
+def edit_params(params_file: Path, **changes: object) -> None:
+    """Set dotted keys (``train__epochs=3`` for train.epochs) in a params.yaml."""
+    params = yaml.safe_load(params_file.read_text())
+    for dotted, value in changes.items():
+        *parents, key = dotted.split("__")
+        block = params
+        for parent in parents:
+            block = block[parent]
+        block[key] = value
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def demo_params_at_root(repo: Path) -> None:
+    """The real run's params.yaml replaced by the demo's, its input paths rebased: the root pipeline, offline."""
+    (repo / "params.yaml").write_text((repo / "demo/params.yaml").read_text())
+    edit_params(
+        repo / "params.yaml", sample__source="demo/corpus/dolly.jsonl", teacher__cassette="demo/corpus/cassette.jsonl"
+    )
+
+
 def overrides(*params: str) -> list[str]:
     """`-S` arguments for `dvc exp run`."""
     return [arg for param in params for arg in ("-S", param)]
 
 
+TINY = {
+    "import_model__gguf": None,
+    "train__lora__r": 4,
+    "train__lora__alpha": 8,
+    "train__epochs": 1,
+    "evaluate__max_new_tokens": 8,
+}
+
+
 def tiny_params(student: Path) -> tuple[str, ...]:
     """Overrides on top of the demo's that swap SmolLM2 for the tiny random Llama: the pipeline in seconds."""
-    return (
-        f"student.model={student}",
-        "import_model.gguf=null",
-        "train.lora.r=4",
-        "train.lora.alpha=8",
-        "train.epochs=1",
-        "evaluate.max_new_tokens=8",
-    )
+    values = {"student.model": student, **{key.replace("__", "."): value for key, value in TINY.items()}}
+    return tuple(f"{key}={'null' if value is None else value}" for key, value in values.items())
+
+
+def make_tiny_demo(repo: Path, student: Path) -> None:
+    """Write the tiny student into the demo's params.yaml and commit it, so that `make demo` takes seconds."""
+    edit_params(repo / "demo/params.yaml", student__model=str(student), **TINY)
+    sh("git", "commit", "-qam", "tiny demo", cwd=repo)

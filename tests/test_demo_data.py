@@ -11,13 +11,14 @@ from redistill.sampling import SampleParams, sample_sentences
 from redistill.sentences import sentence_id
 from redistill.triples import clean_label
 
-CORPUS = read_jsonl(ROOT / "data/demo/dolly.jsonl")
-CASSETTE = read_jsonl(ROOT / "data/demo/cassette.jsonl")
+DEMO = ROOT / "demo"
+DEMO_PARAMS = yaml.safe_load((DEMO / "params.yaml").read_text())
+CORPUS = read_jsonl(DEMO / DEMO_PARAMS["sample"]["source"])
+CASSETTE = read_jsonl(DEMO / DEMO_PARAMS["teacher"]["cassette"])
 
 
 def sampled() -> tuple[list[dict], dict]:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    return sample_sentences(CORPUS, load_block(SampleParams, "sample", params))
+    return sample_sentences(CORPUS, load_block(SampleParams, "sample", DEMO_PARAMS))
 
 
 def test_corpus_has_the_size_and_variety_the_demo_needs():

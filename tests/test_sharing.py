@@ -1,7 +1,7 @@
 """Sharing through a DVC remote, and the pipeline's incremental and reproducibility guarantees.
 
-A real S3 API server (moto in server mode) runs on loopback; the pipeline runs with the tiny random Llama as
-student, so each full run takes seconds.
+A real S3 API server (moto in server mode) runs on loopback; the pipeline runs in the demo's workspace (demo/), or
+at the root on the demo's params, with the tiny random Llama as student, so each full run takes seconds.
 """
 
 import hashlib
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from dvc_repo import VENV, demo_params, make_repo, overrides, ran, sh, tiny_params
+from dvc_repo import VENV, demo_params_at_root, make_repo, overrides, ran, sh, tiny_params
 from fake_provider import FakeProvider
 
 pytestmark = pytest.mark.slow
@@ -59,12 +59,12 @@ def commit(repo: Path, message: str) -> None:
     sh("git", "commit", "-qm", message, cwd=repo)
 
 
-def run_tiny(repo: Path, student: Path, *extra: str, env: dict | None = None) -> str:
-    return sh("dvc", "exp", "run", *overrides(*demo_params(), *tiny_params(student), *extra), cwd=repo, env=env)
+def run_tiny(workspace: Path, student: Path, *extra: str, env: dict | None = None) -> str:
+    return sh("dvc", "exp", "run", *overrides(*tiny_params(student), *extra), cwd=workspace, env=env)
 
 
 def test_push_to_s3_then_pull_in_a_fresh_clone_needs_no_teacher(tmp_path, s3, tiny_student):
-    first = make_repo(tmp_path / "first")
+    first = make_repo(tmp_path / "first") / "demo"
     sh("dvc", "remote", "add", "-d", "s3", "s3://redistill/dvc-store", cwd=first)
     sh("dvc", "remote", "modify", "s3", "endpointurl", s3, cwd=first)
     # Labels come from a live (loopback) Groq teacher, which will be gone when the clone trains.
@@ -81,8 +81,8 @@ def test_push_to_s3_then_pull_in_a_fresh_clone_needs_no_teacher(tmp_path, s3, ti
     sh("dvc", "push", cwd=first)
     sh("dvc", "push", "--run-cache", cwd=first)
 
-    second = tmp_path / "second"
-    sh("git", "clone", "-q", str(first), str(second), cwd=tmp_path)
+    second = tmp_path / "second" / "demo"
+    sh("git", "clone", "-q", str(first.parent), str(second.parent), cwd=tmp_path)
     assert not (second / "data/labeled.jsonl").exists()
     sh("dvc", "pull", cwd=second)
     for name in OUTPUTS:
@@ -94,26 +94,28 @@ def test_push_to_s3_then_pull_in_a_fresh_clone_needs_no_teacher(tmp_path, s3, ti
     output = sh("dvc", "exp", "run", "-S", "train.epochs=2", cwd=second, env={"GROQ_API_KEY": "", "OPENAI_API_KEY": ""})
     assert ran(output) == ["train", "evaluate"]
 
-    only_adapter = tmp_path / "only-adapter"
-    sh("git", "clone", "-q", str(first), str(only_adapter), cwd=tmp_path)
+    only_adapter = tmp_path / "only-adapter" / "demo"
+    sh("git", "clone", "-q", str(first.parent), str(only_adapter.parent), cwd=tmp_path)
     sh("dvc", "pull", "models/adapter", cwd=only_adapter)
     assert digest(only_adapter / "models/adapter/adapter_model.safetensors") == digest(
         first / "models/adapter/adapter_model.safetensors"
     )
     assert not (only_adapter / "data/labeled.jsonl").exists() and not (only_adapter / "models/base").exists()
 
-    from_run_cache = tmp_path / "from-run-cache"
-    sh("git", "clone", "-q", str(first), str(from_run_cache), cwd=tmp_path)
+    from_run_cache = tmp_path / "from-run-cache" / "demo"
+    sh("git", "clone", "-q", str(first.parent), str(from_run_cache.parent), cwd=tmp_path)
     output = sh("dvc", "repro", "--pull", cwd=from_run_cache)
     assert ran(output) == []  # every stage restored from the remote instead of re-run
     for name in OUTPUTS:
         assert digest(from_run_cache / name) == digest(first / name), name
 
 
-def test_make_push_and_make_pull_through_the_default_local_remote(tmp_path, tiny_student):
+def test_the_real_runs_pipeline_then_make_push_and_make_pull_through_the_default_local_remote(tmp_path, tiny_student):
     first = make_repo(tmp_path / "first")
-    run_tiny(first, tiny_student)
-    commit(first, "a demo run")
+    demo_params_at_root(first)
+    output = run_tiny(first, tiny_student)
+    assert ran(output) == ["sample", "synthesize", "split", "import_model", "train", "evaluate"]
+    commit(first, "a run of the root pipeline")
     make = ("make", "-o", f"{VENV}/.installed", f"VENV={VENV}")
     sh(*make, "push", cwd=first)
     second = tmp_path / "second"
@@ -126,7 +128,7 @@ def test_make_push_and_make_pull_through_the_default_local_remote(tmp_path, tiny
 
 
 def test_incremental_reruns(tmp_path, tiny_student):
-    repo = make_repo(tmp_path / "project")
+    repo = make_repo(tmp_path / "project") / "demo"
     assert ran(run_tiny(repo, tiny_student)) == ["sample", "synthesize", "split", "import_model", "train", "evaluate"]
     commit(repo, "first run")
 
@@ -142,13 +144,13 @@ def test_incremental_reruns(tmp_path, tiny_student):
     output = run_tiny(repo, tiny_student, "split.seed=5", "teacher.temperature=0.7")
     assert ran(output) == ["synthesize"]
 
-    split_script = repo / "stages/split.py"
+    split_script = repo.parent / "stages/split.py"
     split_script.write_text(split_script.read_text() + "\n# a change to the stage's code\n")
     assert ran(run_tiny(repo, tiny_student, "split.seed=5", "teacher.temperature=0.7"))[0] == "split"
 
 
 def test_experiments_and_metrics_diff_between_commits(tmp_path, tiny_student):
-    repo = make_repo(tmp_path / "project")
+    repo = make_repo(tmp_path / "project") / "demo"
     run_tiny(repo, tiny_student)
     commit(repo, "baseline")
     output = run_tiny(repo, tiny_student, "train.lora.r=16")
@@ -164,7 +166,7 @@ def test_experiments_and_metrics_diff_between_commits(tmp_path, tiny_student):
 def test_two_runs_give_byte_identical_outputs(tmp_path, tiny_student):
     digests = []
     for name in ("one", "two"):
-        repo = make_repo(tmp_path / name)
+        repo = make_repo(tmp_path / name) / "demo"
         run_tiny(repo, tiny_student)
         digests.append({output: digest(repo / output) for output in OUTPUTS})
         shutil.rmtree(repo / ".dvc/cache")

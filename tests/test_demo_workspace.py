@@ -1,0 +1,125 @@
+"""The demo is a DVC workspace of its own (demo/): every DVC command the README shows works there offline, no
+interruption can change any params.yaml, and a failed stage loses nothing that `dvc checkout` can't restore."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from browser import open_page
+from dvc_repo import GIT_IDENTITY, VENV, edit_params, make_demo, make_repo, make_tiny_demo, ran, sh
+
+pytestmark = pytest.mark.slow
+STAGES = ["sample", "synthesize", "split", "import_model", "train", "evaluate"]
+# Lines that once buried the demo's own output: DVC's first `exp run`, bitsandbytes' Hub kernel, a transformers
+# deprecation that trl triggers, and the trainer's per-step dicts.
+NOISE = ["No file hash info found", "kernels-community", "FutureWarning", "{'loss'"]
+PLOTS_DRAWN = "return document.querySelectorAll('.vega-embed svg, .vega-embed canvas').length"
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for sub in ("data", "models", "metrics")
+        for path in sorted((folder / sub).rglob("*"))
+        if path.is_file() and path.name != ".gitignore"
+    }
+
+
+def test_make_demo_trains_smollm2_offline_quietly_and_draws_its_plots_offline(tmp_path, chromium):
+    repo = make_repo(tmp_path / "project")
+    output = make_demo(repo)
+    assert ran(output) == STAGES
+    for noise in NOISE:
+        assert noise not in output
+    demo = repo / "demo"
+    scores = json.loads((demo / "metrics/eval.json").read_text())
+    assert scores["finetuned"]["exact"]["f1"] > scores["base"]["exact"]["f1"]
+    assert "metrics/eval.json" in output and "dvc exp run -S train.epochs=3" in output  # where results are, what next
+    assert not (repo / "dvc.lock").exists() and not (repo / "data").exists()  # the real run's workspace: untouched
+    assert sh("git", "status", "--porcelain", "--", "params.yaml", "dvc.yaml", "demo/params.yaml", cwd=repo) == ""
+    assert ran(make_demo(repo)) == []  # nothing changed: nothing runs
+
+    sh("dvc", "plots", "show", cwd=demo)
+    page = demo / "dvc_plots/index.html"
+    visit = open_page(chromium, page, ready_script=f"{PLOTS_DRAWN} >= 3")
+    assert visit.console_errors == []
+    assert visit.network_requests == []
+    assert chromium.execute_script(PLOTS_DRAWN) == 3  # the curated plots, not one per logged metric
+
+
+def test_every_dvc_command_the_readme_shows_works_after_the_demo(tmp_path, tiny_student):
+    repo = make_repo(tmp_path / "project")
+    make_tiny_demo(repo, tiny_student)
+    real_params = (repo / "params.yaml").read_bytes()
+    assert ran(make_demo(repo)) == STAGES
+    demo = repo / "demo"
+
+    assert ran(sh("dvc", "repro", cwd=demo)) == []
+    assert "up to date" in sh("dvc", "status", cwd=demo)
+    assert ran(sh("dvc", "exp", "run", "-S", "train.epochs=3", cwd=demo)) == ["train", "evaluate"]
+    columns = "Experiment|train\\.epochs|eval_loss|.*exact\\.f1"  # as the README shows it
+    table = sh("dvc", "exp", "show", "--drop", ".*", "--keep", columns, cwd=demo, env={"COLUMNS": "100"})
+    assert "[demo]" in table and "train.epochs" in table and "finetuned.exact.f1" in table and "…" not in table
+    diff = sh("dvc", "metrics", "diff", "demo", cwd=demo)
+    assert "metrics/train.json" in diff and "epochs" in diff
+    assert "train.epochs" in sh("dvc", "params", "diff", "demo", cwd=demo)
+    sh("dvc", "plots", "show", cwd=demo)
+    assert (demo / "dvc_plots/index.html").is_file()
+
+    sh("dvc", "push", cwd=demo)
+    pushed = digests(demo)
+    for folder in ("models", "data", ".dvc/cache"):
+        subprocess.run(["rm", "-rf", str(demo / folder)], check=True)
+    sh("dvc", "pull", cwd=demo)
+    assert digests(demo) == {name: value for name, value in pushed.items() if not name.startswith("models/check")}
+    assert ran(sh("dvc", "repro", cwd=demo)) == []
+    assert (repo / "params.yaml").read_bytes() == real_params
+
+
+def test_a_failed_stage_loses_nothing_that_dvc_checkout_cannot_restore(tmp_path, tiny_student):
+    repo = make_repo(tmp_path / "project")
+    make_tiny_demo(repo, tiny_student)
+    make_demo(repo)
+    demo = repo / "demo"
+    good = digests(demo)
+
+    edit_params(demo / "params.yaml", train__epochs="two")  # a typo
+    env = {**os.environ, "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}"}
+    failed = subprocess.run(["dvc", "repro"], cwd=demo, env=env, capture_output=True, text=True)
+    assert failed.returncode != 0
+    assert "error: params.yaml: train.epochs must be a number, got 'two'" in failed.stdout + failed.stderr
+    assert set(digests(demo)) < set(good)  # DVC removed the stage's outputs before running it
+
+    sh("dvc", "checkout", cwd=demo)
+    assert digests(demo) == good  # adapter, train metrics and the per-step log all back
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
+def test_no_interruption_of_make_demo_changes_any_params(tmp_path, tiny_student, signum):
+    repo = make_repo(tmp_path / "project")
+    make_tiny_demo(repo, tiny_student)
+    params = {name: (repo / name).read_bytes() for name in ("params.yaml", "demo/params.yaml")}
+    env = {**os.environ, **GIT_IDENTITY, "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}"}
+    make = subprocess.Popen(
+        ["make", "-o", f"{VENV}/.installed", "demo", f"VENV={VENV}"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, which a closed terminal or Ctrl-C signals as a whole
+    )
+    for line in make.stdout:
+        if "Running stage 'train'" in line:
+            break
+    os.killpg(make.pid, signum)
+    make.communicate(timeout=120)
+    assert make.returncode != 0
+    assert {name: (repo / name).read_bytes() for name in params} == params
+
+    assert "train" in ran(make_demo(repo))  # the next run picks up where this one stopped
+    assert {name: (repo / name).read_bytes() for name in params} == params
