@@ -57,9 +57,9 @@ def summary(workspace: Path = WORKSPACE) -> str:
         "  models/adapter/          the trained LoRA adapter, tokenizer and chat template",
         "",
         f"Three things to try (cd {workspace}; source ../.venv/bin/activate):",
-        "  dvc exp run -S train.epochs=3 && dvc exp show --only-changed   # train longer, compare the runs",
-        "  dvc plots show                                                  # loss and F1 charts: dvc_plots/index.html",
-        "  redistill score data/predictions.jsonl --gold gold --pred finetuned   # the scorer on any file",
+        "  dvc exp run -S train.epochs=3   # train longer: re-runs train and evaluate only",
+        "  dvc metrics diff demo           # then compare with this run, recorded as experiment `demo`",
+        "  dvc plots show                  # loss per step, F1 per model: dvc_plots/index.html, works offline",
     ]
     return "\n".join(lines)
 
