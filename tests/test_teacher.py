@@ -181,3 +181,14 @@ def test_a_torn_last_line_from_a_crash_is_dropped(tmp_path):
     path.write_text('{"broken\n' + json.dumps({"key": "a"}) + "\n")
     with pytest.raises(Exception, match=r"journal.jsonl:1: not valid JSON; the journal is damaged"):
         TeacherJournal(path)
+
+
+def test_a_complete_last_line_without_its_newline_keeps_its_answer(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    path.write_text(json.dumps({"key": "a", "answer": "A|r|B"}) + "\n" + json.dumps({"key": "b", "answer": "B|r|C"}))
+    with TeacherJournal(path) as journal:
+        assert journal.get("b")["answer"] == "B|r|C"
+        journal.write({"key": "c", "answer": "C|r|D"})
+    with TeacherJournal(path) as journal:
+        assert [journal.get(key)["answer"] for key in "abc"] == ["A|r|B", "B|r|C", "C|r|D"]
+    assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 3
