@@ -1,5 +1,7 @@
 import asyncio
 import json
+import socket
+import time
 
 import pytest
 import yaml
@@ -94,6 +96,28 @@ def test_unreachable_server_names_the_url(monkeypatch, tmp_path):
     with pytest.raises(PipelineError, match=unreachable), TeacherJournal(tmp_path / "journal.jsonl") as journal:
         label_sentences(SENTENCES, params, lambda: make_teacher(params), journal)
     assert not (tmp_path / "journal.jsonl").exists()
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("provider", ["groq", "openai"])
+def test_a_refused_connection_fails_at_once_with_the_shipped_retries(monkeypatch, tmp_path, provider):
+    monkeypatch.setenv("GROQ_API_KEY", "k")
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())["teacher"]
+    url = f"http://127.0.0.1:{closed_port()}" + ("/v1" if provider == "openai" else "")
+    params = teacher_params(
+        provider=provider, base_url=url, **{key: shipped[key] for key in ("max_retries", "backoff_base", "timeout")}
+    )
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=f"could not reach the teacher at {url}.*teacher.base_url"):
+        with TeacherJournal(tmp_path / "journal.jsonl") as journal:
+            label_sentences(SENTENCES, params, lambda: make_teacher(params), journal)
+    assert time.monotonic() - started < 3
 
 
 def test_replay_answers_from_the_cassette(tmp_path):

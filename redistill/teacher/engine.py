@@ -87,6 +87,12 @@ async def ask_all(
                     if error.retry_after:
                         limiter.hold(error.retry_after)
                 reason = f"{error.cause}: {error}"
+                if error.cause == "unreachable" and stats.answered == 0:
+                    # Nothing has ever answered and nothing listens there: retrying would only delay the news.
+                    raise TeacherError(
+                        f"{error} (no request has succeeded); "
+                        "check teacher.base_url and the network, then re-run: nothing answered is lost"
+                    )
                 if attempt == policy.max_retries:
                     break
                 stats.retries[error.cause] += 1
@@ -100,7 +106,7 @@ async def ask_all(
             stats.completion_tokens += completion.completion_tokens
             on_answer(request, completion)
             return
-        if stats.answered == 0 and reason.startswith(("connection", "timeout")):
+        if stats.answered == 0 and reason.startswith(("unreachable", "connection", "timeout")):
             raise TeacherError(
                 f"{reason} (after {policy.max_retries} retries, and no request has succeeded); "
                 "check teacher.base_url and the network, then re-run: nothing answered is lost"
