@@ -21,7 +21,7 @@ from redistill.params import load_block
 from redistill.sentences import sentence_id
 from redistill.synthesis import build_requests, label_sentences
 from redistill.teacher import TeacherParams, make_teacher
-from redistill.teacher.engine import Request, RetryPolicy, ask_all
+from redistill.teacher.engine import Request, RetryPolicy, ask_all, estimate_tokens
 from redistill.teacher.journal import TeacherJournal
 from redistill.teacher.limiter import Limits, RateLimiter, parse_duration, retry_after_seconds
 
@@ -139,6 +139,28 @@ def test_the_limiter_keeps_under_the_servers_token_limit(keys):
         stats = asyncio.run(ask_all(requests, teacher, lambda r, c: None, policy, limiter))
     assert stats.answered == 20
     assert server.status_counts.get(429, 0) <= 2
+
+
+@pytest.mark.parametrize("counts_max_tokens", [True, False])
+def test_pacing_follows_what_the_provider_counts(keys, counts_max_tokens):
+    # Azure OpenAI counts prompt + max_tokens whatever an answer used; Groq counts the tokens used. Following the
+    # usage field against the first sends more than its window holds (5 to 16% 429s): the limiter must follow the
+    # provider's x-ratelimit-remaining-tokens, and against the second keep shrinking reservations to the usage.
+    window, tpm, count = 1.0, 800, 80
+    provider = FakeProvider(
+        tpm_limit=tpm, minute_seconds=window, latency=(0.02, 0.05), counts_max_tokens=counts_max_tokens
+    )
+    with provider as server:
+        params = params_for(server, "openai", concurrency=6, max_tokens=60)
+        teacher = make_teacher(params)
+        messages = [[{"role": "user", "content": f"{i} " + "word " * 20}] for i in range(count)]
+        requests = [Request(f"k{i}", m, estimate_tokens(m, params.max_tokens)) for i, m in enumerate(messages)]
+        limiter = RateLimiter(Limits(None, tpm, None), requests_header_is_daily=False, window=window + 0.02)
+        policy = RetryPolicy(max_retries=8, backoff_base=0.01, backoff_max=0.05, concurrency=6)
+        stats = asyncio.run(ask_all(requests, teacher, lambda r, c: None, policy, limiter))
+    assert stats.answered == count
+    assert server.status_counts.get(429, 0) <= 0.02 * server.attempts
+    assert limiter.keeps_reservations == counts_max_tokens
 
 
 def test_retry_after_is_obeyed_by_every_request(keys):

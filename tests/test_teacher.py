@@ -114,9 +114,9 @@ def test_a_refused_connection_fails_at_once_with_the_shipped_retries(monkeypatch
         provider=provider, base_url=url, **{key: shipped[key] for key in ("max_retries", "backoff_base", "timeout")}
     )
     started = time.monotonic()
-    with pytest.raises(PipelineError, match=f"could not reach the teacher at {url}.*teacher.base_url"):
-        with TeacherJournal(tmp_path / "journal.jsonl") as journal:
-            label_sentences(SENTENCES, params, lambda: make_teacher(params), journal)
+    unreachable = f"could not reach the teacher at {url}.*teacher.base_url"
+    with pytest.raises(PipelineError, match=unreachable), TeacherJournal(tmp_path / "journal.jsonl") as journal:
+        label_sentences(SENTENCES, params, lambda: make_teacher(params), journal)
     assert time.monotonic() - started < 3
 
 

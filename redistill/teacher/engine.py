@@ -92,14 +92,14 @@ async def ask_all(
                     raise TeacherError(
                         f"{error} (no request has succeeded); "
                         "check teacher.base_url and the network, then re-run: nothing answered is lost"
-                    )
+                    ) from None
                 if attempt == policy.max_retries:
                     break
                 stats.retries[error.cause] += 1
                 await asyncio.sleep(policy.delay(attempt + 1, error.retry_after, rng))
                 continue
             if limiter:
-                limiter.settle(reservation, completion.prompt_tokens + completion.completion_tokens)
+                limiter.settle(reservation, completion.prompt_tokens + completion.completion_tokens, completion.headers)
                 limiter.observe(completion.headers)
             stats.answered += 1
             stats.prompt_tokens += completion.prompt_tokens
