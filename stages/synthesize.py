@@ -9,7 +9,7 @@ from redistill import paths
 from redistill.errors import run_stage
 from redistill.io import read_jsonl, write_json, write_jsonl
 from redistill.params import load_block, read_params_file
-from redistill.synthesis import label_sentences
+from redistill.synthesis import label_sentences, summary_line
 from redistill.teacher import TeacherParams, make_teacher
 from redistill.teacher.journal import TeacherJournal
 
@@ -19,7 +19,7 @@ def main() -> None:
     sentences = read_jsonl(paths.SENTENCES)
     with TeacherJournal(paths.TEACHER_JOURNAL) as journal:
         labeled, stats = label_sentences(sentences, params, partial(make_teacher, params), journal)
-    print(", ".join(f"{name} {value}" for name, value in stats.items()))
+    print(summary_line(stats))
     write_jsonl(paths.LABELED, labeled)
     write_json(paths.METRICS / "synthesize.json", stats)
 

@@ -176,6 +176,35 @@ def test_retry_after_is_obeyed_by_every_request(keys):
     assert time.monotonic() - started >= 2.0
 
 
+def test_metrics_count_answers_per_minute_and_429s_apart(tmp_path, keys):
+    with FakeProvider(rpm_limit=3, minute_seconds=1.0) as server:
+        params = params_for(server, concurrency=6, max_retries=10)
+        with TeacherJournal(tmp_path / "journal.jsonl") as journal:
+            _, stats = label_sentences(rows(9), params, lambda: make_teacher(params), journal)
+    assert stats["rate_limited"] == server.status_counts[429] >= 3
+    assert stats["requests_sent"] == 9 + stats["rate_limited"]
+    # 9 answers over about 3 s: the provider's 3 a second, 180/min, not the requests sent (429s included).
+    assert stats["answers_per_minute"] == pytest.approx(9 / stats["wall_seconds"] * 60)
+    assert stats["answers_per_minute"] <= 3 * 60 * 1.5
+
+
+@pytest.mark.parametrize("stop", ["failures", "daily_budget"])
+def test_a_run_that_stops_prints_its_summary_first(tmp_path, keys, capsys, stop):
+    limits = {"rpm": None, "tpm": None, "rpd": 4 if stop == "daily_budget" else None}
+    with FakeProvider(faults={"503": 1.0} if stop == "failures" else {}) as server:
+        params = params_for(server, max_retries=2, concurrency=2, limits=limits)
+        with pytest.raises(PipelineError), TeacherJournal(tmp_path / "journal.jsonl") as journal:
+            label_sentences(rows(6), params, lambda: make_teacher(params), journal)
+    summary = capsys.readouterr().err.splitlines()[-1]
+    if stop == "failures":
+        assert (
+            "answers 0, requests_sent 18, retries 12, retries_by_cause {'503': 12}, rate_limited 0, failures 6"
+            in summary
+        )
+    else:
+        assert "answers 4, requests_sent 4, retries 0" in summary and "failures 0" in summary
+
+
 def test_rate_limit_headers_teach_the_limiter():
     limiter = RateLimiter(Limits(rpm=None, tpm=None, rpd=None), requests_header_is_daily=True)
     limiter.observe({"x-ratelimit-limit-tokens": "6000", "x-ratelimit-limit-requests": "1000"})
