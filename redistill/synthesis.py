@@ -81,7 +81,7 @@ def label_sentences(
     """Labelled records in the order of ``sentences``, and the stage's counts.
 
     ``teacher_factory`` is called, before any request, only when some answer is missing from the journal, so a
-    fully journalled re-run needs no key, no network and no cassette. If any request still fails after its
+    fully journalled re-run needs no key and no network. If any request still fails after its
     retries, the run stops with a PipelineError after every other answer is journalled: the next run asks only
     for the missing ones.
     """
