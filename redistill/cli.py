@@ -15,6 +15,8 @@ def score_file(path: str, gold_key: str, pred_key: str) -> dict:
     if Path(path).suffix not in (".json", ".jsonl"):
         raise PipelineError(f"{path}: expected a .json list or a .jsonl file of objects")
     records = read_records(path)
+    if not records:
+        raise PipelineError(f"{path}: no records to score")
     pairs = []
     for index, record in enumerate(records):
         for key in (gold_key, pred_key):

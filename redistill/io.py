@@ -11,23 +11,34 @@ from pathlib import Path
 from redistill.errors import PipelineError
 
 
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``; anything else (a binary file, another encoding) is a PipelineError."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise PipelineError(
+            f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+            "expected UTF-8 JSON"
+        ) from None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Every line of ``path`` as a JSON object; blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: file not found")
     records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PipelineError(f"{path}:{number}: not valid JSON ({error.msg}); fix or remove that line") from None
-            if not isinstance(record, dict):
-                raise PipelineError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+    # split on "\n" only: JSON strings may hold U+2028 and other characters str.splitlines() breaks at
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PipelineError(f"{path}:{number}: not valid JSON ({error.msg}); fix or remove that line") from None
+        if not isinstance(record, dict):
+            raise PipelineError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
     return records
 
 
@@ -40,16 +51,20 @@ def read_records(path: str | Path) -> list[dict]:
         return read_jsonl(path)
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as error:
             raise PipelineError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
         if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
             raise PipelineError(f"{path}: expected a JSON list of objects (or use .jsonl for one object per line)")
         return data
     if path.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet
 
-        return pyarrow.parquet.read_table(path).to_pylist()
+        try:
+            return pyarrow.parquet.read_table(path).to_pylist()
+        except pyarrow.ArrowInvalid as error:
+            raise PipelineError(f"{path}: not a Parquet file ({str(error).splitlines()[0]})") from None
     raise PipelineError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl or .parquet")
 
 

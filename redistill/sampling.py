@@ -36,7 +36,19 @@ class SampleParams:
 
 
 def is_local(source: str) -> bool:
-    return source.endswith(LOCAL_SUFFIXES) or Path(source).exists()
+    """A path rather than a Hub id: a local file's suffix, an existing file, or a shape no Hub id has.
+
+    Hub ids are ``name`` or ``owner/name``; ``./x``, ``/x``, ``~/x``, ``a/b/c`` and ``data/x`` (where ``data/`` is a
+    local folder) are paths, so a missing file is reported as missing rather than looked up on the Hub.
+    """
+    path = Path(source)
+    return (
+        source.endswith(LOCAL_SUFFIXES)
+        or path.exists()
+        or source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+        or (len(path.parts) == 2 and path.parent.is_dir())
+    )
 
 
 def load_source(source: str, revision: str | None = None) -> list[dict]:

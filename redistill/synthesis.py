@@ -1,6 +1,7 @@
 """The synthesize stage's logic: ask the teacher about each sentence (journal first), clean answers to triples."""
 
 import asyncio
+import sys
 import time
 from collections import Counter
 
@@ -25,7 +26,7 @@ def build_requests(texts: list[str], params: TeacherParams) -> list[Request]:
     return requests
 
 
-def ask(requests: list[Request], params: TeacherParams, teacher, journal: TeacherJournal) -> AskStats:
+def ask(requests: list[Request], params: TeacherParams, teacher, journal: TeacherJournal, stats: AskStats) -> None:
     """Ask for every request the journal has no answer to; each answer is journalled as it arrives."""
 
     def on_answer(request: Request, completion: Completion) -> None:
@@ -43,14 +44,35 @@ def ask(requests: list[Request], params: TeacherParams, teacher, journal: Teache
     with tqdm(total=len(requests), desc=f"teacher ({params.mode})", unit="request") as progress:
         if params.mode == "batch":
             job = ask_batch(
-                requests, teacher, journal, on_answer, params.batch_window, params.batch_poll_seconds, progress
+                requests, teacher, journal, on_answer, params.batch_window, params.batch_poll_seconds, progress, stats
             )
         else:
-            job = ask_all(requests, teacher, on_answer, params.retry_policy, make_limiter(params), progress=progress)
-        stats = asyncio.run(job)
+            policy, limiter = params.retry_policy, make_limiter(params)
+            job = ask_all(requests, teacher, on_answer, policy, limiter, progress=progress, stats=stats)
+        asyncio.run(job)
     for key, reason in stats.failures.items():
         journal.write({"key": key, "failed": reason})
-    return stats
+
+
+def request_metrics(asked: AskStats, seconds: float) -> dict:
+    """What the run's requests did: answers, retries by cause, 429s, failures, tokens and rates over ``seconds``."""
+    tokens = asked.prompt_tokens + asked.completion_tokens
+    return {
+        "answers": asked.answered,
+        "requests_sent": asked.sent,
+        "retries": sum(asked.retries.values()),
+        "retries_by_cause": dict(sorted(asked.retries.items())),
+        "rate_limited": asked.rate_limited,
+        "failures": len(asked.failures),
+        "prompt_tokens": asked.prompt_tokens,
+        "completion_tokens": asked.completion_tokens,
+        "answers_per_minute": asked.answered / seconds * 60 if seconds else 0.0,
+        "tokens_per_minute": tokens / seconds * 60 if seconds else 0.0,
+    }
+
+
+def summary_line(metrics: dict) -> str:
+    return ", ".join(f"{name} {value}" for name, value in metrics.items())
 
 
 def label_sentences(
@@ -59,7 +81,7 @@ def label_sentences(
     """Labelled records in the order of ``sentences``, and the stage's counts.
 
     ``teacher_factory`` is called, before any request, only when some answer is missing from the journal, so a
-    fully journalled re-run needs no key, no network and no cassette. If any request still fails after its
+    fully journalled re-run needs no key and no network. If any request still fails after its
     retries, the run stops with a PipelineError after every other answer is journalled: the next run asks only
     for the missing ones.
     """
@@ -67,14 +89,22 @@ def label_sentences(
     requests = build_requests([sentence["text"] for sentence in sentences], params)
     unique = {request.key: request for request in requests}  # one request per distinct prompt
     missing = [request for key, request in unique.items() if journal.get(key) is None]
-    asked = ask(missing, params, teacher_factory(), journal) if missing else AskStats()
-    if asked.failures:
-        causes = Counter(reason.split(":")[0] for reason in asked.failures.values())
-        raise PipelineError(
-            f"{len(asked.failures)} of {len(missing)} teacher requests still failed after teacher.max_retries "
-            f"retries ({', '.join(f'{cause} x{count}' for cause, count in causes.most_common())}); the "
-            f"{asked.answered} answers received are journalled: re-run to ask only for the missing ones"
-        )
+    asked = AskStats()
+    try:
+        if missing:
+            ask(missing, params, teacher_factory(), journal, asked)
+        if asked.failures:
+            causes = Counter(reason.split(":")[0] for reason in asked.failures.values())
+            raise PipelineError(
+                f"{len(asked.failures)} of {len(missing)} teacher requests still failed after teacher.max_retries "
+                f"retries ({', '.join(f'{cause} x{count}' for cause, count in causes.most_common())}); the "
+                f"{asked.answered} answers received are journalled: re-run to ask only for the missing ones"
+            )
+    except PipelineError:
+        # No metrics file is written for a run that stops: say what it did before the error line.
+        if asked.sent:
+            print(f"teacher: {summary_line(request_metrics(asked, time.monotonic() - started))}", file=sys.stderr)
+        raise
 
     labeled, counts = [], Counter()
     for sentence, request in zip(sentences, requests, strict=True):
@@ -87,23 +117,15 @@ def label_sentences(
         counts["truncated_answers"] += entry["finish_reason"] == "length"
         labeled.append({**sentence, "triples": [list(triple) for triple in parsed.triples], "raw": entry["answer"]})
     seconds = time.monotonic() - started
-    tokens = asked.prompt_tokens + asked.completion_tokens
+    requested = request_metrics(asked, seconds)
     stats = {
         "sentences": len(sentences),
         "cache_hits": len(unique) - len(missing),
-        "answers": asked.answered,
-        "requests_sent": asked.sent,
-        "retries": sum(asked.retries.values()),
-        "retries_by_cause": dict(sorted(asked.retries.items())),
-        "failures": len(asked.failures),
+        **requested,
         **{
             name: counts[name]
             for name in ("triples", "malformed_lines", "prose_lines", "empty_answers", "truncated_answers")
         },
-        "prompt_tokens": asked.prompt_tokens,
-        "completion_tokens": asked.completion_tokens,
-        "requests_per_minute": asked.sent / seconds * 60 if seconds and asked.sent else 0.0,
-        "tokens_per_minute": tokens / seconds * 60 if seconds and tokens else 0.0,
         "wall_seconds": seconds,
     }
     return labeled, stats

@@ -9,7 +9,7 @@ from redistill import paths
 from redistill.errors import run_stage
 from redistill.io import read_jsonl, write_json, write_jsonl
 from redistill.params import load_block, read_params_file
-from redistill.synthesis import label_sentences
+from redistill.synthesis import label_sentences, summary_line
 from redistill.teacher import TeacherParams, make_teacher
 from redistill.teacher.journal import TeacherJournal
 
@@ -17,9 +17,14 @@ from redistill.teacher.journal import TeacherJournal
 def main() -> None:
     params = load_block(TeacherParams, "teacher", read_params_file())
     sentences = read_jsonl(paths.SENTENCES)
+    teacher_factory = partial(make_teacher, params)
+    if params.provider == "replay":
+        # dvc.lock records the cassette: read it (and refuse a broken one) even when the journal answers everything.
+        teacher = make_teacher(params)
+        teacher_factory = partial(lambda: teacher)
     with TeacherJournal(paths.TEACHER_JOURNAL) as journal:
-        labeled, stats = label_sentences(sentences, params, partial(make_teacher, params), journal)
-    print(", ".join(f"{name} {value}" for name, value in stats.items()))
+        labeled, stats = label_sentences(sentences, params, teacher_factory, journal)
+    print(summary_line(stats))
     write_jsonl(paths.LABELED, labeled)
     write_json(paths.METRICS / "synthesize.json", stats)
 

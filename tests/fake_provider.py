@@ -380,6 +380,7 @@ class FakeProvider:
         batch_error_rate: float = 0.0,
         seed: int = 0,
         minute_seconds: float = MINUTE,
+        counts_max_tokens: bool = False,
     ) -> None:
         _check_rates(latency, faults or {}, batch_error_rate)
         self.api_key = api_key
@@ -393,6 +394,8 @@ class FakeProvider:
         self.batch_seconds = batch_seconds
         self.batch_error_rate = batch_error_rate
         self.limits = SlidingWindowLimits(rpm_limit, tpm_limit, rpd_limit, minute_seconds)
+        # Like Azure OpenAI: a request's prompt + max_tokens stays counted against the token limit, whatever it used.
+        self.counts_max_tokens = counts_max_tokens
 
         # Bookkeeping for tests, guarded by self.lock (accepted by the limits' own lock).
         self.lock = threading.Lock()
@@ -472,7 +475,8 @@ class FakeProvider:
         fault, delay = self._draw_fault_and_delay()
         self._closing.wait(delay)
         reply, completion = self._answer(request, body, fault)
-        self.limits.settle(admission, prompt + completion)
+        if not self.counts_max_tokens:
+            self.limits.settle(admission, prompt + completion)
         reply.headers.update(self.limits.headers(daily))
         return reply
 

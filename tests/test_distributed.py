@@ -13,7 +13,7 @@ from torch.utils.data import BatchSampler
 
 from redistill.errors import PipelineError
 from redistill.launch import FSDP_FLAGS, launch, launch_command
-from redistill.student import StudentParams, load_finetuned
+from redistill.student import StudentParams, load_finetuned, load_model
 from redistill.training import EpochSeededLengthGroupedSampler
 
 # Installed in each launched process through PYTHONPATH: the process of rank 1 logs every file it creates,
@@ -122,7 +122,10 @@ def test_two_processes_shard_the_data_and_only_the_main_process_writes(project, 
     loss_log = Path("metrics/train/plots/metrics/loss.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in loss_log[1:]] == [str(step) for step in range(1, 9)]
     student = StudentParams(str(tiny_student), None, None, "sdpa")
-    assert load_finetuned(student, "models/adapter", torch.float32, "cpu") is not None
+    base = load_model(student, torch.float32, "cpu").state_dict()
+    tuned = load_finetuned(student, "models/adapter", torch.float32, "cpu").state_dict()
+    changed = {name for name, weight in tuned.items() if not torch.equal(weight, base[name])}
+    assert changed and all(name.endswith("proj.weight") for name in changed), "the adapter trained the LoRA targets"
 
 
 def test_a_failure_in_the_launched_processes_is_one_line_and_writes_nothing(project, tmp_path, tiny_student):

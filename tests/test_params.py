@@ -3,7 +3,7 @@ import re
 import pytest
 
 from redistill.params import ParamError, load_block, read_params_file
-from redistill.sampling import SampleParams
+from redistill.sampling import SampleParams, is_local
 from redistill.splitting import SplitParams
 from redistill.teacher import TeacherParams
 
@@ -20,6 +20,13 @@ def test_the_shipped_params_load():
     assert load_block(SampleParams, "sample", params).max_chars == 170
     assert load_block(TeacherParams, "teacher", params).temperature == 0.5
     assert load_block(SplitParams, "split", params).seed == 17
+
+
+@pytest.mark.usefixtures("project")
+def test_the_hub_corpus_is_pinned_to_a_commit():
+    # A branch name (or null: the default branch) moves under a committed dvc.lock; a commit does not.
+    sample = load_block(SampleParams, "sample", read_params_file())
+    assert not is_local(sample.source) and re.fullmatch(r"[0-9a-f]{40}", sample.revision or "")
 
 
 @pytest.mark.usefixtures("project")

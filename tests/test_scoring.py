@@ -1,6 +1,7 @@
 """The scorer, rule by rule, on cases computed by hand."""
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,19 @@ def test_the_command(tmp_path):
     assert (
         missing.returncode == 1 and missing.stderr.strip() == f"error: {as_json}: record 0 has no string field 'nope'"
     )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (random.Random(0).randbytes(512), "rows.jsonl: not UTF-8 text"),
+        (b"", "rows.jsonl: no records to score"),
+        (b"\n\n", "rows.jsonl: no records to score"),
+    ],
+)
+def test_the_command_refuses_a_file_it_cannot_score(tmp_path, content, message):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(content)
+    result = subprocess.run([REDISTILL, "score", path, "--gold", "g", "--pred", "p"], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"error: {path.parent}/{message}") and len(result.stderr.splitlines()) == 1

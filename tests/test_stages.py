@@ -1,6 +1,7 @@
 """The stage scripts as a user runs them: `python stages/<name>.py` from the project root."""
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,11 @@ def test_sample_synthesize_split_against_a_loopback_groq(project, tmp_path, monk
             "no sentence left after the filters",
         ),
         ("sample", {"sample__source": "corpus.jsonl", "sample__min_chars": 500}, "sample.min_chars must be smaller"),
+        ("sample", {"sample__source": "random.jsonl"}, "error: random.jsonl: not UTF-8 text"),
+        ("sample", {"sample__source": "random.json"}, "error: random.json: not UTF-8 text"),
+        ("sample", {"sample__source": "random.parquet"}, "error: random.parquet: not a Parquet file"),
+        ("sample", {"sample__source": "data/corpus"}, "error: data/corpus: file not found"),
+        ("sample", {"sample__source": "./corpus"}, "error: corpus: file not found"),
         ("synthesize", {"teacher__provider": "claude"}, "teacher.provider must be one of groq, openai, replay"),
         ("synthesize", {}, "error: GROQ_API_KEY is not set; export GROQ_API_KEY=..."),
         ("split", {"split__test_size": 50}, "split.test_size (50) + split.val_size (0) leave no training data"),
@@ -91,6 +97,8 @@ def test_sample_synthesize_split_against_a_loopback_groq(project, tmp_path, monk
 def test_bad_input_is_one_line_and_writes_nothing(project, tmp_path, stage, setup, message):
     write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
     (tmp_path / "bad.jsonl").write_text(json.dumps(CORPUS[0]) + "\nnot json\n")
+    for suffix in (".jsonl", ".json", ".parquet"):
+        (tmp_path / f"random{suffix}").write_bytes(random.Random(0).randbytes(512))
     write_jsonl(tmp_path / "data/sentences.jsonl", [{"id": "a", "text": "Alice is from France."}])
     write_jsonl(
         tmp_path / "data/labeled.jsonl", [{"id": "a", "text": "Alice is from France.", "triples": [["A", "r", "B"]]}]
@@ -101,3 +109,21 @@ def test_bad_input_is_one_line_and_writes_nothing(project, tmp_path, stage, setu
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr
     assert outputs(tmp_path) == before
+
+
+def test_a_cassette_with_a_torn_last_line_is_refused_even_when_the_journal_answers_all(project, tmp_path):
+    sentence = "Alice is from France."
+    write_jsonl(tmp_path / "data/sentences.jsonl", [{"id": "a", "text": sentence}])
+    cassette = write_jsonl(tmp_path / "cassette.jsonl", [{"text": sentence, "answer": "Alice|is from|France"}])
+    project(teacher__provider="replay", teacher__cassette="cassette.jsonl")
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    assert run("synthesize", env).returncode == 0
+    cassette.write_text(cassette.read_text() + '{"text": "Bob is from Peru.", "ans')
+    before = {path: (tmp_path / path).read_bytes() for path in outputs(tmp_path)}
+    result = run("synthesize", env)
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        == "error: cassette.jsonl:2: not valid JSON (Unterminated string starting at); fix or remove that line"
+    )
+    assert {path: (tmp_path / path).read_bytes() for path in outputs(tmp_path)} == before

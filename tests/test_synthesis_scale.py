@@ -21,7 +21,7 @@ from redistill.params import load_block
 from redistill.sentences import sentence_id
 from redistill.synthesis import build_requests, label_sentences
 from redistill.teacher import TeacherParams, make_teacher
-from redistill.teacher.engine import Request, RetryPolicy, ask_all
+from redistill.teacher.engine import Request, RetryPolicy, ask_all, estimate_tokens
 from redistill.teacher.journal import TeacherJournal
 from redistill.teacher.limiter import Limits, RateLimiter, parse_duration, retry_after_seconds
 
@@ -141,6 +141,28 @@ def test_the_limiter_keeps_under_the_servers_token_limit(keys):
     assert server.status_counts.get(429, 0) <= 2
 
 
+@pytest.mark.parametrize("counts_max_tokens", [True, False])
+def test_pacing_follows_what_the_provider_counts(keys, counts_max_tokens):
+    # Azure OpenAI counts prompt + max_tokens whatever an answer used; Groq counts the tokens used. Following the
+    # usage field against the first sends more than its window holds (5 to 16% 429s): the limiter must follow the
+    # provider's x-ratelimit-remaining-tokens, and against the second keep shrinking reservations to the usage.
+    window, tpm, count = 1.0, 800, 80
+    provider = FakeProvider(
+        tpm_limit=tpm, minute_seconds=window, latency=(0.02, 0.05), counts_max_tokens=counts_max_tokens
+    )
+    with provider as server:
+        params = params_for(server, "openai", concurrency=6, max_tokens=60)
+        teacher = make_teacher(params)
+        messages = [[{"role": "user", "content": f"{i} " + "word " * 20}] for i in range(count)]
+        requests = [Request(f"k{i}", m, estimate_tokens(m, params.max_tokens)) for i, m in enumerate(messages)]
+        limiter = RateLimiter(Limits(None, tpm, None), requests_header_is_daily=False, window=window + 0.02)
+        policy = RetryPolicy(max_retries=8, backoff_base=0.01, backoff_max=0.05, concurrency=6)
+        stats = asyncio.run(ask_all(requests, teacher, lambda r, c: None, policy, limiter))
+    assert stats.answered == count
+    assert server.status_counts.get(429, 0) <= 0.02 * server.attempts
+    assert limiter.keeps_reservations == counts_max_tokens
+
+
 def test_retry_after_is_obeyed_by_every_request(keys):
     with FakeProvider(rpm_limit=2, minute_seconds=1.0) as server:
         params = params_for(server)
@@ -152,6 +174,35 @@ def test_retry_after_is_obeyed_by_every_request(keys):
     # No client-side limits: the provider's 429s and their retry-after (1 s) pace the run instead.
     assert stats.answered == 6 and stats.retries["429"] >= 1
     assert time.monotonic() - started >= 2.0
+
+
+def test_metrics_count_answers_per_minute_and_429s_apart(tmp_path, keys):
+    with FakeProvider(rpm_limit=3, minute_seconds=1.0) as server:
+        params = params_for(server, concurrency=6, max_retries=10)
+        with TeacherJournal(tmp_path / "journal.jsonl") as journal:
+            _, stats = label_sentences(rows(9), params, lambda: make_teacher(params), journal)
+    assert stats["rate_limited"] == server.status_counts[429] >= 3
+    assert stats["requests_sent"] == 9 + stats["rate_limited"]
+    # 9 answers over about 3 s: the provider's 3 a second, 180/min, not the requests sent (429s included).
+    assert stats["answers_per_minute"] == pytest.approx(9 / stats["wall_seconds"] * 60)
+    assert stats["answers_per_minute"] <= 3 * 60 * 1.5
+
+
+@pytest.mark.parametrize("stop", ["failures", "daily_budget"])
+def test_a_run_that_stops_prints_its_summary_first(tmp_path, keys, capsys, stop):
+    limits = {"rpm": None, "tpm": None, "rpd": 4 if stop == "daily_budget" else None}
+    with FakeProvider(faults={"503": 1.0} if stop == "failures" else {}) as server:
+        params = params_for(server, max_retries=2, concurrency=2, limits=limits)
+        with pytest.raises(PipelineError), TeacherJournal(tmp_path / "journal.jsonl") as journal:
+            label_sentences(rows(6), params, lambda: make_teacher(params), journal)
+    summary = capsys.readouterr().err.splitlines()[-1]
+    if stop == "failures":
+        assert (
+            "answers 0, requests_sent 18, retries 12, retries_by_cause {'503': 12}, rate_limited 0, failures 6"
+            in summary
+        )
+    else:
+        assert "answers 4, requests_sent 4, retries 0" in summary and "failures 0" in summary
 
 
 def test_rate_limit_headers_teach_the_limiter():

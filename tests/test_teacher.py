@@ -1,5 +1,7 @@
 import asyncio
 import json
+import socket
+import time
 
 import pytest
 import yaml
@@ -96,6 +98,28 @@ def test_unreachable_server_names_the_url(monkeypatch, tmp_path):
     assert not (tmp_path / "journal.jsonl").exists()
 
 
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("provider", ["groq", "openai"])
+def test_a_refused_connection_fails_at_once_with_the_shipped_retries(monkeypatch, tmp_path, provider):
+    monkeypatch.setenv("GROQ_API_KEY", "k")
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())["teacher"]
+    url = f"http://127.0.0.1:{closed_port()}" + ("/v1" if provider == "openai" else "")
+    params = teacher_params(
+        provider=provider, base_url=url, **{key: shipped[key] for key in ("max_retries", "backoff_base", "timeout")}
+    )
+    started = time.monotonic()
+    unreachable = f"could not reach the teacher at {url}.*teacher.base_url"
+    with pytest.raises(PipelineError, match=unreachable), TeacherJournal(tmp_path / "journal.jsonl") as journal:
+        label_sentences(SENTENCES, params, lambda: make_teacher(params), journal)
+    assert time.monotonic() - started < 3
+
+
 def test_replay_answers_from_the_cassette(tmp_path):
     cassette = tmp_path / "cassette.jsonl"
     cassette.write_text(json.dumps({"text": "Alice lives in Paris.", "answer": "Alice|lives in|Paris"}) + "\n")
@@ -181,3 +205,14 @@ def test_a_torn_last_line_from_a_crash_is_dropped(tmp_path):
     path.write_text('{"broken\n' + json.dumps({"key": "a"}) + "\n")
     with pytest.raises(Exception, match=r"journal.jsonl:1: not valid JSON; the journal is damaged"):
         TeacherJournal(path)
+
+
+def test_a_complete_last_line_without_its_newline_keeps_its_answer(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    path.write_text(json.dumps({"key": "a", "answer": "A|r|B"}) + "\n" + json.dumps({"key": "b", "answer": "B|r|C"}))
+    with TeacherJournal(path) as journal:
+        assert journal.get("b")["answer"] == "B|r|C"
+        journal.write({"key": "c", "answer": "C|r|D"})
+    with TeacherJournal(path) as journal:
+        assert [journal.get(key)["answer"] for key in "abc"] == ["A|r|B", "B|r|C", "C|r|D"]
+    assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 3

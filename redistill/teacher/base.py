@@ -24,6 +24,8 @@ class RetryableError(Exception):
 
     def __init__(self, cause: str, message: str, retry_after: float | None = None, headers=None) -> None:
         super().__init__(message)
-        self.cause = cause  # a short label counted in metrics: "429", "503", "timeout", "connection", ...
+        self.cause = (
+            cause  # a short label counted in metrics: "429", "503", "timeout", "connection", "unreachable", ...
+        )
         self.retry_after = retry_after
         self.headers = headers

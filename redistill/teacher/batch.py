@@ -25,9 +25,10 @@ async def ask_batch(
     window: str,
     poll_seconds: float,
     progress: tqdm | None = None,
+    stats: AskStats | None = None,
 ) -> AskStats:
     """Answer ``requests`` with one batch job (or collect the one an interrupted run submitted)."""
-    client, stats = teacher.client, AskStats()
+    client, stats = teacher.client, AskStats() if stats is None else stats
     by_key = {request.key: request for request in requests}
     batch_id = next((bid for bid, keys in journal.batches.items() if set(by_key) <= set(keys)), None)
     if batch_id is None:

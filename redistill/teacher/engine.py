@@ -42,6 +42,7 @@ class AskStats:
     sent: int = 0
     answered: int = 0
     retries: Counter = field(default_factory=Counter)
+    rate_limited: int = 0  # 429s received, retried or not
     failures: dict[str, str] = field(default_factory=dict)  # request key -> last reason
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -60,9 +61,13 @@ async def ask_all(
     limiter: RateLimiter | None,
     seed: int = 0,
     progress: tqdm | None = None,
+    stats: AskStats | None = None,
 ) -> AskStats:
-    """Ask every request; raise TeacherError at once on what retrying can't fix."""
-    stats = AskStats()
+    """Ask every request; raise TeacherError at once on what retrying can't fix.
+
+    Counts go into ``stats`` (a new AskStats if None), so a caller still has them when the run stops with an error.
+    """
+    stats = AskStats() if stats is None else stats
     queue: asyncio.Queue[Request] = asyncio.Queue()
     for request in requests:
         queue.put_nowait(request)
@@ -82,25 +87,32 @@ async def ask_all(
             try:
                 completion = await teacher.complete(request.messages)
             except RetryableError as error:
+                stats.rate_limited += error.cause == "429"
                 if limiter:
                     limiter.observe(error.headers)
                     if error.retry_after:
                         limiter.hold(error.retry_after)
                 reason = f"{error.cause}: {error}"
+                if error.cause == "unreachable" and stats.answered == 0:
+                    # Nothing has ever answered and nothing listens there: retrying would only delay the news.
+                    raise TeacherError(
+                        f"{error} (no request has succeeded); "
+                        "check teacher.base_url and the network, then re-run: nothing answered is lost"
+                    ) from None
                 if attempt == policy.max_retries:
                     break
                 stats.retries[error.cause] += 1
                 await asyncio.sleep(policy.delay(attempt + 1, error.retry_after, rng))
                 continue
             if limiter:
-                limiter.settle(reservation, completion.prompt_tokens + completion.completion_tokens)
+                limiter.settle(reservation, completion.prompt_tokens + completion.completion_tokens, completion.headers)
                 limiter.observe(completion.headers)
             stats.answered += 1
             stats.prompt_tokens += completion.prompt_tokens
             stats.completion_tokens += completion.completion_tokens
             on_answer(request, completion)
             return
-        if stats.answered == 0 and reason.startswith(("connection", "timeout")):
+        if stats.answered == 0 and reason.startswith(("unreachable", "connection", "timeout")):
             raise TeacherError(
                 f"{reason} (after {policy.max_retries} retries, and no request has succeeded); "
                 "check teacher.base_url and the network, then re-run: nothing answered is lost"
@@ -114,7 +126,7 @@ async def ask_all(
             if progress is not None:
                 minutes = max(time.monotonic() - started, 1e-9) / 60
                 progress.set_postfix(
-                    rpm=f"{stats.sent / minutes:.0f}",
+                    rpm=f"{stats.answered / minutes:.0f}",
                     tpm=f"{(stats.prompt_tokens + stats.completion_tokens) / minutes:.0f}",
                     retries=sum(stats.retries.values()),
                     failed=len(stats.failures),

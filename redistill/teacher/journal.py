@@ -43,6 +43,8 @@ class TeacherJournal:
                     f"{self.path}:{number}: not valid JSON; the journal is damaged: fix or delete that line"
                 ) from None
             self._apply(entry)
+            if number == len(lines) and not line.endswith("\n"):
+                self._end_last_line()
 
     def _apply(self, entry: dict) -> None:
         if "batch" in entry:
@@ -60,6 +62,14 @@ class TeacherJournal:
         # A crash mid-write leaves a partial last line; cut it so new entries start on a line of their own.
         with self.path.open("r+b") as handle:
             handle.truncate(os.path.getsize(self.path) - size)
+
+    def _end_last_line(self) -> None:
+        # A complete answer written without its newline (a crash between the two, an editor): end it, so the next
+        # entry is not glued onto it, and the answer is kept.
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)

@@ -1,9 +1,10 @@
 """Client-side pacing: stay under the provider's requests/minute, tokens/minute and requests/day.
 
 Each request reserves its estimated tokens (prompt + max_tokens) in a sliding 60-second window before it is
-sent; the reservation is corrected to the real usage when the answer arrives. The limiter also learns from the
-provider: a lower limit in the ``x-ratelimit-limit-*`` headers replaces the configured one, an exhausted
-``remaining`` holds every request until its ``reset``, and a ``retry-after`` on a 429 holds them all for that long.
+sent; when the answer arrives the reservation is corrected to what the provider counts (``settle``). The limiter
+also learns from the provider: a lower limit in the ``x-ratelimit-limit-*`` headers replaces the configured one, an
+exhausted ``remaining`` holds every request until its ``reset``, and a ``retry-after`` on a 429 holds them all for
+that long.
 """
 
 import asyncio
@@ -65,6 +66,7 @@ class RateLimiter:
         self.recent: deque[list[float]] = deque()  # [sent_at, tokens] within the last minute
         self.sent_today = 0
         self.hold_until = 0.0
+        self.keeps_reservations = False  # learnt in settle(): the provider counts max_tokens, not the usage
         self.lock = asyncio.Lock()
 
     def _expire(self, now: float) -> None:
@@ -103,10 +105,26 @@ class RateLimiter:
             self.sent_today += 1
             return reservation
 
-    @staticmethod
-    def settle(reservation: list[float], tokens: int) -> None:
-        """Replace a reservation's estimate with the tokens the provider reports it used."""
-        reservation[1] = float(tokens)
+    def settle(self, reservation: list[float], used: int, headers) -> None:
+        """Correct a reservation, when its answer arrives, to what the provider counts against the token limit.
+
+        Groq counts the tokens an answer used, so the reservation shrinks to those. Others (Azure OpenAI) keep the
+        prompt + max_tokens counted whatever was used: the provider's ``x-ratelimit-remaining-tokens`` then shows
+        more tokens spent in its window than the limiter's, and from that answer on the limiter keeps every
+        reservation whole, and adds what it under-counted so far to this one.
+        """
+        if self.keeps_reservations:
+            return
+        reservation[1] = float(used)
+        remaining = _int(headers.get("x-ratelimit-remaining-tokens")) if headers is not None else None
+        limit = (_int(headers.get("x-ratelimit-limit-tokens")) if headers is not None else None) or self.limits.tpm
+        if remaining is None or limit is None:
+            return
+        self._expire(time.monotonic())
+        under_counted = limit - remaining - sum(entry[1] for entry in self.recent)
+        if under_counted > 0:
+            self.keeps_reservations = True
+            reservation[1] += under_counted
 
     def hold(self, seconds: float) -> None:
         """Send nothing for ``seconds`` (a retry-after, or a limit the headers say is exhausted)."""

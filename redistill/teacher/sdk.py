@@ -81,7 +81,10 @@ class SdkTeacher:
         if kind == "APITimeoutError":
             return RetryableError("timeout", message)
         if kind == "APIConnectionError":
-            return RetryableError("connection", f"could not reach the teacher at {self.client.base_url}: {message}")
+            # ConnectError (httpx's, or httpx2's for openai): no connection was made at all (refused, no such host),
+            # unlike a connection the server dropped mid-answer.
+            cause = "unreachable" if type(error.__cause__).__name__ == "ConnectError" else "connection"
+            return RetryableError(cause, f"could not reach the teacher at {self.client.base_url}: {message}")
         if kind == "APIResponseValidationError" or isinstance(error, ValueError):
             return RetryableError("malformed_response", message)
         raise error
