@@ -28,10 +28,13 @@ def test_dvc_yaml_declares_the_paths_the_stages_write():
     assert declared("synthesize") == {str(paths.LABELED), str(paths.TEACHER_JOURNAL), "metrics/synthesize.json"}
     assert declared("split") == {str(path) for path in paths.SPLITS.values()} | {"metrics/split.json"}
     assert declared("import_model") == {str(paths.BASE_MODEL)}
-    assert declared("train") == {str(paths.ADAPTER), str(paths.METRICS / "train.json")}
-    assert {next(iter(entry)) for entry in stages["train"]["plots"]} == {f"{paths.TRAIN_LOG}/plots"}
-    assert declared("evaluate") == {str(paths.PREDICTIONS), str(paths.METRICS / "eval.json")}
-    assert {next(iter(entry)) for entry in stages["evaluate"]["plots"]} == {str(paths.F1_PLOT)}
+    assert declared("train") == {str(paths.ADAPTER), str(paths.TRAIN_LOG), str(paths.METRICS / "train.json")}
+    assert declared("evaluate") == {
+        str(paths.PREDICTIONS),
+        str(paths.METRICS / "eval.json"),
+        str(paths.F1_PLOT),
+        str(paths.ANSWERS_PLOT),
+    }
 
 
 def imported_files(script: Path) -> set[str]:
