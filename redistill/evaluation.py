@@ -1,4 +1,8 @@
-"""The evaluate stage's logic: each model answers every test sentence; answers are scored against the teacher's."""
+"""The evaluate stages' logic: each model answers every test sentence; answers are scored against the teacher's.
+
+`evaluate` runs the students; `evaluate_teacher` models over the teacher's API (the post compared Groq's
+Llama-3-8B). Two stages, so that a change to the teacher's code or params never re-runs a GPU evaluation.
+"""
 
 import time
 from dataclasses import dataclass
@@ -10,7 +14,6 @@ from redistill.scoring import score
 from redistill.triples import parse_answer
 
 STUDENTS = ("base", "finetuned")
-TEACHER_PREFIX = "teacher:"
 
 
 @dataclass(frozen=True)
@@ -22,13 +25,23 @@ class EvalParams:
     def validate(self) -> None:
         for name in self.models:
             require(
-                name in STUDENTS or (name.startswith(TEACHER_PREFIX) and len(name) > len(TEACHER_PREFIX)),
+                name in STUDENTS,
                 "evaluate.models",
-                f"entries must be base, finetuned or teacher:<model name>, got {name!r}",
+                f"entries must be base or finetuned (teacher models: evaluate_teacher.models), got {name!r}",
             )
         require(len(set(self.models)) == len(self.models), "evaluate.models", "lists a model twice")
         require(self.max_new_tokens > 0, "evaluate.max_new_tokens", f"must be positive, got {self.max_new_tokens}")
         require(self.batch_size > 0, "evaluate.batch_size", f"must be positive, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class TeacherComparisonParams:
+    models: list[str] | None  # model names over the teacher's provider; null: none
+
+    def validate(self) -> None:
+        models = self.models or []
+        require(all(models), "evaluate_teacher.models", "entries must be model names")
+        require(len(set(models)) == len(models), "evaluate_teacher.models", "lists a model twice")
 
 
 def model_metrics(golds: list[str], outputs: list[Generation], seconds: float) -> dict:
@@ -52,39 +65,36 @@ def student_outputs(model, tokenizer, texts: list[str], system_prompt: str, para
     return outputs, time.monotonic() - started
 
 
-def teacher_outputs(answer, texts: list[str]) -> tuple[list[Generation], float]:
-    """A model over the teacher's API as one more to compare (the post compared Groq's Llama-3-8B)."""
-    completions, seconds = answer(texts)
+def teacher_outputs(completions: list, seconds: float) -> tuple[list[Generation], float]:
+    """A teacher model's completions, as a student's generations."""
     return [Generation(c.text, c.finish_reason == "stop", c.completion_tokens) for c in completions], seconds
 
 
-def evaluate(
-    params: EvalParams, test: list[dict], load_student, teacher_answers, system_prompt: str
-) -> tuple[dict, list]:
-    """Metrics per model and one prediction row per test sentence.
-
-    ``load_student(name)`` gives (model, tokenizer) for "base" or "finetuned"; ``teacher_answers(model_name)`` a
-    function from sentences to that model's completions and the seconds they took. Each model is loaded only
-    while it answers, so two never sit in memory together.
-    """
-    texts = [record["text"] for record in test]
+def scored(test: list[dict], outputs: dict[str, tuple[list[Generation], float]]) -> tuple[dict, list[dict]]:
+    """Metrics per model and one prediction row per test sentence, from each model's (answers, seconds)."""
     golds = [answer_text(record["triples"]) for record in test]
-    metrics, answers = {}, {}
-    for name in params.models:
-        if name.startswith(TEACHER_PREFIX):
-            outputs, seconds = teacher_outputs(teacher_answers(name.removeprefix(TEACHER_PREFIX)), texts)
-        else:
-            model, tokenizer = load_student(name)
-            outputs, seconds = student_outputs(model, tokenizer, texts, system_prompt, params, name)
-            del model
-        metrics[name] = model_metrics(golds, outputs, seconds)
-        answers[name] = outputs
+    metrics = {name: model_metrics(golds, answers, seconds) for name, (answers, seconds) in outputs.items()}
     rows = [
         {"id": record["id"], "text": record["text"], "gold": gold}
-        | {name: answers[name][index].text for name in params.models}
+        | {name: answers[index].text for name, (answers, _) in outputs.items()}
         for index, (record, gold) in enumerate(zip(test, golds, strict=True))
     ]
     return metrics, rows
+
+
+def evaluate(params: EvalParams, test: list[dict], load_student, system_prompt: str) -> tuple[dict, list[dict]]:
+    """Metrics per student and one prediction row per test sentence.
+
+    ``load_student(name)`` gives (model, tokenizer) for "base" or "finetuned". Each model is loaded only while it
+    answers, so two never sit in memory together.
+    """
+    texts = [record["text"] for record in test]
+    outputs = {}
+    for name in params.models:
+        model, tokenizer = load_student(name)
+        outputs[name] = student_outputs(model, tokenizer, texts, system_prompt, params, name)
+        del model
+    return scored(test, outputs)
 
 
 def plot_rows(metrics: dict) -> tuple[list[dict], list[dict]]:

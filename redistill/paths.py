@@ -9,6 +9,7 @@ TEACHER_JOURNAL = Path("data/teacher_journal.jsonl")
 SPLITS = {name: Path(f"data/{name}.jsonl") for name in ("train", "val", "test")}
 METRICS = Path("metrics")
 PREDICTIONS = Path("data/predictions.jsonl")
+TEACHER_PREDICTIONS = Path("data/teacher_predictions.jsonl")
 BASE_MODEL = Path("models/base")
 ADAPTER = Path("models/adapter")
 CHECKPOINTS = Path("models/checkpoints")

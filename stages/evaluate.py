@@ -1,9 +1,7 @@
-"""Stage evaluate: base and fine-tuned student (and optionally a teacher) answer the test split; scored.
+"""Stage evaluate: the base and the fine-tuned student answer the test split; scored against the teacher's labels.
 
 Writes data/predictions.jsonl, metrics/eval.json, and metrics/f1.json and metrics/answers.json for `dvc plots show`.
 """
-
-from dataclasses import replace
 
 import torch
 
@@ -12,16 +10,14 @@ from redistill.errors import run_stage
 from redistill.evaluation import EvalParams, evaluate, plot_rows
 from redistill.io import read_jsonl, write_json, write_jsonl
 from redistill.params import load_block, read_params_file
+from redistill.prompts import teacher_prompt
 from redistill.student import StudentParams, load_finetuned, load_model, load_tokenizer
-from redistill.synthesis import ask_teacher
-from redistill.teacher import TeacherParams, make_teacher
 
 
 def main() -> None:
     params = read_params_file()
     eval_params = load_block(EvalParams, "evaluate", params)
     student = load_block(StudentParams, "student", params)
-    teacher = load_block(TeacherParams, "teacher", params)
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
 
@@ -30,12 +26,8 @@ def main() -> None:
             return load_model(student, dtype, device), load_tokenizer(student)
         return load_finetuned(student, paths.ADAPTER, dtype, device), load_tokenizer(student, source=paths.ADAPTER)
 
-    def teacher_answers(model: str):
-        params = replace(teacher, model=model)
-        return lambda texts: ask_teacher(texts, params, make_teacher(params))
-
     test = read_jsonl(paths.SPLITS["test"])
-    metrics, rows = evaluate(eval_params, test, load_student, teacher_answers, student.prompt(teacher.prompt))
+    metrics, rows = evaluate(eval_params, test, load_student, student.prompt(teacher_prompt(params)))
     for name, values in metrics.items():
         print(f"{name}: exact F1 {values['exact']['f1']:.3f}, lenient F1 {values['lenient']['f1']:.3f}")
     write_jsonl(paths.PREDICTIONS, rows)

@@ -13,7 +13,7 @@ from browser import open_page
 from dvc_repo import GIT_IDENTITY, VENV, edit_params, make_demo, make_repo, make_tiny_demo, ran, sh
 
 pytestmark = pytest.mark.slow
-STAGES = ["sample", "synthesize", "split", "import_model", "train", "evaluate"]
+STAGES = ["sample", "synthesize", "split", "import_model", "train", "evaluate", "evaluate_teacher"]
 # Lines that once buried the demo's own output: DVC's first `exp run`, bitsandbytes' Hub kernel, a transformers
 # deprecation that trl triggers, and the trainer's per-step dicts.
 NOISE = ["No file hash info found", "kernels-community", "FutureWarning", "{'loss'"]

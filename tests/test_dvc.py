@@ -35,6 +35,7 @@ def test_dvc_yaml_declares_the_paths_the_stages_write():
         str(paths.F1_PLOT),
         str(paths.ANSWERS_PLOT),
     }
+    assert declared("evaluate_teacher") == {str(paths.TEACHER_PREDICTIONS), str(paths.METRICS / "eval_teacher.json")}
 
 
 def imported_files(script: Path) -> set[str]:
@@ -68,6 +69,23 @@ def test_each_stage_depends_on_exactly_the_code_it_imports():
         assert code == {f"stages/{name}.py"} | imported_files(ROOT / f"stages/{name}.py"), name
 
 
+def params_read_by(script: Path) -> set[str]:
+    """The params a stage script reads: each block it loads, and teacher.system_prompt through teacher_prompt()."""
+    read = set()
+    for node in ast.walk(ast.parse(script.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            if node.func.id == "load_block":
+                read.add(node.args[1].value)
+            elif node.func.id == "teacher_prompt":
+                read.add("teacher.system_prompt")
+    return read
+
+
+def test_each_stage_depends_on_exactly_the_params_it_reads():
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        assert set(stage["params"]) == params_read_by(ROOT / f"stages/{name}.py"), name
+
+
 def test_the_demo_runs_the_projects_pipeline_on_params_with_the_same_keys():
     assert yaml.safe_load((ROOT / "demo/dvc.yaml").read_text()) == demo_pipeline(
         yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -88,10 +106,10 @@ def test_the_demo_runs_the_projects_pipeline_on_params_with_the_same_keys():
 def test_changing_the_split_seed_reruns_split_and_what_depends_on_it(repo, tiny_student):
     demo = repo / "demo"
     output = sh("dvc", "exp", "run", *overrides(*tiny_params(tiny_student)), cwd=demo)
-    assert ran(output) == ["sample", "synthesize", "split", "import_model", "train", "evaluate"]
+    assert ran(output) == ["sample", "synthesize", "split", "import_model", "train", "evaluate", "evaluate_teacher"]
     assert ran(sh("dvc", "exp", "run", *overrides(*tiny_params(tiny_student)), cwd=demo)) == []
     output = sh("dvc", "exp", "run", *overrides(*tiny_params(tiny_student), "split.seed=3"), cwd=demo)
-    assert ran(output) == ["split", "train", "evaluate"]
+    assert ran(output) == ["split", "train", "evaluate", "evaluate_teacher"]
     dag = sh("dvc", "dag", cwd=demo)
     for upstream, downstream in [("sample", "synthesize"), ("synthesize", "split"), ("split", "train")]:
         assert dag.index(upstream) < dag.index(downstream)

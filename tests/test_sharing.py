@@ -20,6 +20,7 @@ S3_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "redistill",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+ALL_STAGES = ["sample", "synthesize", "split", "import_model", "train", "evaluate", "evaluate_teacher"]
 OUTPUTS = [
     "data/sentences.jsonl",
     "data/labeled.jsonl",
@@ -76,7 +77,7 @@ def test_push_to_s3_then_pull_in_a_fresh_clone_needs_no_teacher(tmp_path, s3, ti
         )  # fmt: skip
         output = run_tiny(first, tiny_student, *live_teacher, env={"GROQ_API_KEY": "test-key"})
         assert len(teacher.requests) == 40
-    assert ran(output) == ["sample", "synthesize", "split", "import_model", "train", "evaluate"]
+    assert ran(output) == ALL_STAGES
     commit(first, "a run with labels from the teacher")
     sh("dvc", "push", cwd=first)
     sh("dvc", "push", "--run-cache", cwd=first)
@@ -114,7 +115,7 @@ def test_the_real_runs_pipeline_then_make_push_and_make_pull_through_the_default
     first = make_repo(tmp_path / "first")
     demo_params_at_root(first)
     output = run_tiny(first, tiny_student)
-    assert ran(output) == ["sample", "synthesize", "split", "import_model", "train", "evaluate"]
+    assert ran(output) == ALL_STAGES
     commit(first, "a run of the root pipeline")
     make = ("make", "-o", f"{VENV}/.installed", f"VENV={VENV}")
     sh(*make, "push", cwd=first)
@@ -129,7 +130,7 @@ def test_the_real_runs_pipeline_then_make_push_and_make_pull_through_the_default
 
 def test_incremental_reruns(tmp_path, tiny_student):
     repo = make_repo(tmp_path / "project") / "demo"
-    assert ran(run_tiny(repo, tiny_student)) == ["sample", "synthesize", "split", "import_model", "train", "evaluate"]
+    assert ran(run_tiny(repo, tiny_student)) == ALL_STAGES
     commit(repo, "first run")
 
     started = time.monotonic()
@@ -137,12 +138,13 @@ def test_incremental_reruns(tmp_path, tiny_student):
     assert time.monotonic() - started < 3.0
 
     assert ran(run_tiny(repo, tiny_student, "evaluate.batch_size=4")) == ["evaluate"]
-    assert ran(run_tiny(repo, tiny_student, "split.seed=5")) == ["split", "train", "evaluate"]
+    assert ran(run_tiny(repo, tiny_student, "split.seed=5")) == ["split", "train", "evaluate", "evaluate_teacher"]
 
     # A new temperature is a new request for every sentence: synthesize asks again. The replayed answers are the
-    # same, so the labels' hash is too, and DVC rightly leaves split and what follows alone.
+    # same, so the labels' hash is too, and DVC rightly leaves split and what follows alone; the teacher comparison
+    # re-runs, and the GPU evaluation of the students does not.
     output = run_tiny(repo, tiny_student, "split.seed=5", "teacher.temperature=0.7")
-    assert ran(output) == ["synthesize"]
+    assert ran(output) == ["synthesize", "evaluate_teacher"]
 
     split_script = repo.parent / "stages/split.py"
     split_script.write_text(split_script.read_text() + "\n# a change to the stage's code\n")

@@ -36,15 +36,16 @@ def outputs(root: Path) -> set[str]:
 
 def test_sample_synthesize_split_against_a_loopback_groq(project, tmp_path, monkeypatch):
     write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
-    project(sample__source="corpus.jsonl", split__test_size=2, split__val_size=1)
-    with FakeProvider(models=("openai/gpt-oss-120b",)) as server:
+    teacher = "openai/gpt-oss-120b"
+    project(sample__source="corpus.jsonl", split__test_size=2, split__val_size=1, evaluate_teacher__models=[teacher])
+    with FakeProvider(models=(teacher,)) as server:
         env = {"PATH": "/usr/bin:/bin", "GROQ_API_KEY": "test-key", "GROQ_BASE_URL": server.url, "HF_HUB_OFFLINE": "1"}
-        for stage in ("sample", "synthesize", "split"):
+        for stage in ("sample", "synthesize", "split", "evaluate_teacher"):
             result = run(stage, env)
             assert result.returncode == 0, result.stderr
-        assert len(server.requests) == len(CORPUS)
+        assert len(server.requests) == len(CORPUS) + 2  # each sentence labelled, then the 2 test ones compared
         rerun = run("synthesize", env)
-        assert rerun.returncode == 0 and len(server.requests) == len(CORPUS)  # everything came from the journal
+        assert rerun.returncode == 0 and len(server.requests) == len(CORPUS) + 2  # all came from the journal
 
     sentences = read_jsonl("data/sentences.jsonl")
     assert [s["text"] for s in sentences][:3] == [
@@ -57,6 +58,11 @@ def test_sample_synthesize_split_against_a_loopback_groq(project, tmp_path, monk
     assert json.loads(Path("metrics/synthesize.json").read_text())["answers"] == 0  # the re-run's
     split = json.loads(Path("metrics/split.json").read_text())
     assert (split["train"], split["val"], split["test"]) == (5, 1, 2)
+    compared = json.loads(Path("metrics/eval_teacher.json").read_text())
+    assert compared[f"teacher:{teacher}"]["exact"]["f1"] == 1.0  # the labelling teacher agrees with its own labels
+    assert [set(row) for row in read_jsonl("data/teacher_predictions.jsonl")] == [
+        {"id", "text", "gold", f"teacher:{teacher}"}
+    ] * 2
     assert outputs(tmp_path) == {
         "corpus.jsonl",
         "data/sentences.jsonl",
@@ -68,6 +74,8 @@ def test_sample_synthesize_split_against_a_loopback_groq(project, tmp_path, monk
         "metrics/sample.json",
         "metrics/synthesize.json",
         "metrics/split.json",
+        "data/teacher_predictions.jsonl",
+        "metrics/eval_teacher.json",
     }
 
 
@@ -92,6 +100,8 @@ def test_sample_synthesize_split_against_a_loopback_groq(project, tmp_path, monk
         ("synthesize", {}, "error: GROQ_API_KEY is not set; export GROQ_API_KEY=..."),
         ("split", {"split__test_size": 50}, "split.test_size (50) + split.val_size (0) leave no training data"),
         ("split", {"split__val_size": -1}, "split.val_size as a count must be >= 0"),
+        ("evaluate", {"evaluate__models": ["teacher:m"]}, "entries must be base or finetuned (teacher models: evalu"),
+        ("evaluate_teacher", {"evaluate_teacher__models": ["m"]}, "error: GROQ_API_KEY is not set"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(project, tmp_path, stage, setup, message):
