@@ -1,11 +1,22 @@
-"""Batched greedy generation, shared by evaluate and extract: left padding, KV cache, stop at end of turn."""
+"""Batched greedy generation, shared by evaluate and extract.
 
+Every prompt starts with the same system turn, so its keys and values are computed once and copied into each
+batch: only each sentence's own tokens are prefilled. Batches are cut from prompts sorted by length (little
+padding, placed between the shared prefix and each sentence), decoding runs on the KV cache with greedy argmax,
+and rows that reached an end-of-turn token leave the batch, so the rest decode at the width still working.
+"""
+
+import copy
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from redistill.prompts import prompt_ids, stop_token_ids
+
+# Checking whether every row has finished makes the host wait for the GPU; doing it every few steps lets the
+# host queue the next steps' kernels meanwhile. The same check drops finished rows from the batch.
+SYNC_EVERY = 8
 
 
 @dataclass(frozen=True)
@@ -15,7 +26,115 @@ class Generation:
     new_tokens: int
 
 
-@torch.inference_mode()
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each prompt at least one token of its own."""
+    shortest = min(len(prompt) for prompt in prompts)
+    first = prompts[0]
+    length = 0
+    while length < shortest - 1 and all(prompt[length] == first[length] for prompt in prompts):
+        length += 1
+    return length
+
+
+def prompt_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of the prompts, sorted by length and cut into batches of ``batch_size``."""
+    order = sorted(range(len(lengths)), key=lambda index: lengths[index])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+class Generator:
+    """Greedy answers of one model to sentences under one system prompt; the prompt's cache is built once."""
+
+    def __init__(self, model, tokenizer, system_prompt: str, max_new_tokens: int, batch_size: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.system_prompt, self.max_new_tokens, self.batch_size = system_prompt, max_new_tokens, batch_size
+        self.stops = stop_token_ids(tokenizer)
+        self.device = next(model.parameters()).device
+        self._prefix: list[int] | None = None
+        self._prefix_cache = None
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return prompt_ids(self.tokenizer, text, self.system_prompt)
+
+    @torch.inference_mode()
+    def generate(self, texts: list[str], desc: str = "generate", progress: bool = True) -> list[Generation]:
+        """The model's answer to each sentence, in the order of ``texts``."""
+        prompts = [self.prompt_ids(text) for text in texts]
+        results: list[Generation | None] = [None] * len(prompts)
+        with tqdm(total=len(prompts), desc=desc, unit="sentence", disable=not progress) as bar:
+            for batch in prompt_batches([len(prompt) for prompt in prompts], self.batch_size):
+                for index, generation in zip(batch, self._generate_batch([prompts[i] for i in batch]), strict=True):
+                    results[index] = generation
+                bar.update(len(batch))
+        return results
+
+    def _prefix_for(self, prompts: list[list[int]]) -> tuple[int, object]:
+        """The cached shared prefix, rebuilt only when these prompts do not all start with it."""
+        if self._prefix is None or not all(
+            len(prompt) > len(self._prefix) and prompt[: len(self._prefix)] == self._prefix for prompt in prompts
+        ):
+            from transformers import DynamicCache
+
+            self._prefix = prompts[0][: shared_prefix_length(prompts)]
+            self._prefix_cache = DynamicCache(config=self.model.config)
+            if self._prefix:
+                ids = torch.tensor([self._prefix], device=self.device)
+                self.model(input_ids=ids, past_key_values=self._prefix_cache, use_cache=True, logits_to_keep=1)
+        return len(self._prefix), self._prefix_cache
+
+    def _generate_batch(self, prompts: list[list[int]]) -> list[Generation]:
+        prefix_length, prefix_cache = self._prefix_for(prompts)
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(prompts))
+        pad = self.tokenizer.pad_token_id
+        suffixes = [prompt[prefix_length:] for prompt in prompts]
+        width = max(len(suffix) for suffix in suffixes)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        suffix_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, suffix in enumerate(suffixes):  # padding between the shared prefix and each sentence's tokens
+            input_ids[row, width - len(suffix) :] = torch.tensor(suffix)
+            suffix_mask[row, width - len(suffix) :] = 1
+        input_ids, suffix_mask = input_ids.to(self.device), suffix_mask.to(self.device)
+        prefix_mask = torch.ones((len(prompts), prefix_length), dtype=torch.long, device=self.device)
+        mask = torch.cat([prefix_mask, suffix_mask], 1)
+        positions = (prefix_length + suffix_mask.cumsum(-1) - 1).clamp(min=prefix_length)
+        stops = torch.tensor(self.stops, device=self.device)
+
+        rows = torch.arange(len(prompts), device=self.device)  # which prompt each batch row still answers
+        tokens = torch.full((len(prompts), self.max_new_tokens), pad, dtype=torch.long, device=self.device)
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        for step in range(self.max_new_tokens):
+            logits = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits
+            next_tokens = logits[:, -1].argmax(-1)
+            tokens[rows, step] = torch.where(finished, pad, next_tokens)
+            finished |= torch.isin(next_tokens, stops)
+            if (step + 1) % SYNC_EVERY == 0 and step + 1 < self.max_new_tokens:
+                alive = (~finished).nonzero().squeeze(-1)
+                if len(alive) == 0:
+                    break
+                if len(alive) < len(rows):
+                    cache.batch_select_indices(alive)
+                    rows, finished, next_tokens, mask = rows[alive], finished[alive], next_tokens[alive], mask[alive]
+                    positions = positions[alive]
+            input_ids = next_tokens[:, None]
+            positions = positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long, device=self.device)], 1)
+        return [self._decode(answer) for answer in tokens.tolist()]
+
+    def _decode(self, new: list[int]) -> Generation:
+        end = next((position for position, token in enumerate(new) if token in self.stops), None)
+        kept = new if end is None else new[:end]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+        return Generation(text=text, ended=end is not None, new_tokens=len(kept))
+
+
 def generate(
     model,
     tokenizer,
@@ -26,36 +145,4 @@ def generate(
     desc: str = "generate",
 ) -> list[Generation]:
     """The model's answer to each sentence, greedy, in the order of ``texts``."""
-    prompts = [prompt_ids(tokenizer, text, system_prompt) for text in texts]
-    stops = stop_token_ids(tokenizer)
-    # Batches of similar length waste less compute on padding; results go back to input order at the end.
-    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
-    results: list[Generation | None] = [None] * len(prompts)
-    device = next(model.parameters()).device
-    with tqdm(total=len(prompts), desc=desc, unit="sentence") as progress:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            width = max(len(prompts[index]) for index in batch)
-            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, index in enumerate(batch):  # left padding: every prompt ends where generation starts
-                ids = prompts[index]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=stops,
-                pad_token_id=tokenizer.pad_token_id,
-                use_cache=True,
-            )
-            for row, index in enumerate(batch):
-                new = output[row, width:].tolist()
-                end = next((position for position, token in enumerate(new) if token in stops), None)
-                kept = new if end is None else new[:end]
-                text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-                results[index] = Generation(text=text, ended=end is not None, new_tokens=len(kept))
-            progress.update(len(batch))
-    return results
+    return Generator(model, tokenizer, system_prompt, max_new_tokens, batch_size).generate(texts, desc)
