@@ -4,10 +4,11 @@ import time
 from dataclasses import dataclass
 
 from redistill.generation import Generation, generate
+from redistill.graph import Graph
 from redistill.params import require
 from redistill.prompts import answer_text
 from redistill.scoring import score
-from redistill.triples import parse_answer
+from redistill.triples import clean_label, parse_answer
 
 STUDENTS = ("base", "finetuned")
 TEACHER_PREFIX = "teacher:"
@@ -94,3 +95,20 @@ def f1_plot_rows(metrics: dict) -> list[dict]:
         for name, values in metrics.items()
         for mode in ("exact", "lenient")
     ]
+
+
+def graphed_model(models: list[str]) -> str:
+    """The model whose answers the test graph draws: the fine-tuned student where it was evaluated."""
+    return "finetuned" if "finetuned" in models else models[0]
+
+
+def gold_and_predicted_graph(test: list[dict], rows: list[dict], model: str) -> Graph:
+    """The test split's gold triples and ``model``'s predicted ones in one graph, each edge marked by where it
+    comes from (an edge in both is drawn as correct)."""
+    graph = Graph()
+    for record, row in zip(test, rows, strict=True):
+        for triple in record["triples"]:
+            graph.add(triple, record["id"], record["text"], "gold")
+        for triple in clean_label(row[model]).triples:
+            graph.add(triple, record["id"], record["text"], "predicted")
+    return graph

@@ -1,6 +1,7 @@
 """Stage evaluate: base and fine-tuned student (and optionally a teacher) answer the test split; scored.
 
-Writes data/predictions.jsonl, metrics/eval.json and metrics/f1.json (drawn by `dvc plots show`).
+Writes data/predictions.jsonl, metrics/eval.json, metrics/f1.json (drawn by `dvc plots show`) and
+data/test_graph.html, the test split's gold and predicted triples as a knowledge graph (open it in a browser).
 """
 
 from dataclasses import replace
@@ -9,7 +10,8 @@ import torch
 
 from redistill import paths
 from redistill.errors import run_stage
-from redistill.evaluation import EvalParams, evaluate, f1_plot_rows
+from redistill.evaluation import EvalParams, evaluate, f1_plot_rows, gold_and_predicted_graph, graphed_model
+from redistill.graph import write_html
 from redistill.io import read_jsonl, write_json, write_jsonl
 from redistill.params import load_block, read_params_file
 from redistill.student import StudentParams, load_finetuned, load_model, load_tokenizer
@@ -41,6 +43,8 @@ def main() -> None:
     write_jsonl(paths.PREDICTIONS, rows)
     write_json(paths.METRICS / "eval.json", metrics)
     write_json(paths.F1_PLOT, f1_plot_rows(metrics))
+    model = graphed_model(eval_params.models)
+    write_html(gold_and_predicted_graph(test, rows, model), paths.TEST_GRAPH, f"Test split: gold and {model} triples")
 
 
 if __name__ == "__main__":
