@@ -65,12 +65,15 @@ def timed(function) -> tuple[object, float]:
     return result, time.perf_counter() - started
 
 
-def generator_run(name: str, model, tokenizer, texts: list[str], new_tokens: int, batch_size: int) -> dict:
-    generator = Generator(model, tokenizer, DEFAULT_SYSTEM_PROMPT, new_tokens, batch_size)
-    generator.generate(texts[:batch_size], progress=False)  # warm-up: kernels, cuBLAS handles, the prefix cache
+def generator_run(name, model, tokenizer, texts: list[str], new_tokens: int, batch_size: int, static=None) -> dict:
+    """``static``: None is the default (CUDA graphs on a GPU), False the growing cache that drops finished rows."""
+    generator = Generator(model, tokenizer, DEFAULT_SYSTEM_PROMPT, new_tokens, batch_size, static=static)
+    generator.generate(texts[:batch_size], progress=False)  # warm-up: kernels, cuBLAS handles, prefix, graph capture
     torch.cuda.reset_peak_memory_stats()
     outputs, seconds = timed(lambda: generator.generate(texts, progress=False))
-    return report(name, len(texts), seconds, sum(o.new_tokens for o in outputs), batch_size=batch_size)
+    row = report(name, len(texts), seconds, sum(o.new_tokens for o in outputs), batch_size=batch_size)
+    row["answers"] = [output.text for output in outputs]
+    return row
 
 
 def report(name: str, sentences: int, seconds: float, new_tokens: int, **extra) -> dict:
@@ -141,7 +144,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--data", required=True, help="a JSON(L) file of records with a text field")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--batch-sizes", default="128,256,512")
+    parser.add_argument("--batch-sizes", default="256,512,1024")
     parser.add_argument("--post-sentences", type=int, default=16)
     parser.add_argument("--before", help="an earlier redistill/generation.py to time as the starting point")
     parser.add_argument("--rank", type=int, default=256, help="LoRA rank (the train stage's default)")
@@ -178,7 +181,7 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     extractor = load_extractor(str(adapter), None, "none", "cuda", merge=False)
-    name = f"adapter unmerged (LoRA layers live), batch {best['batch_size']}"
+    name = f"adapter unmerged (LoRA layers live), static cache + CUDA graph, batch {best['batch_size']}"
     runs.append(generator_run(name, extractor.model, extractor.tokenizer, texts, args.new_tokens, best["batch_size"]))
     del extractor
     torch.cuda.empty_cache()
@@ -186,7 +189,7 @@ def main() -> None:
 
     _, results["merge_seconds"] = timed(lambda: merge(str(adapter), None, str(merged), "cuda"))
     extractor = load_extractor(str(merged), None, "none", "cuda")
-    name = f"merged folder, batch {best['batch_size']}"
+    name = f"merged folder, static cache + CUDA graph, batch {best['batch_size']}"
     runs.append(generator_run(name, extractor.model, extractor.tokenizer, texts, args.new_tokens, best["batch_size"]))
     del extractor
     torch.cuda.empty_cache()
@@ -206,6 +209,8 @@ def main() -> None:
     command += ["--max-new-tokens", str(args.new_tokens), "--batch-size", str(best["batch_size"])]
     _, seconds = timed(lambda: redistill(command))
     runs.append(report("`redistill extract` on the merged folder, end to end with loading", len(texts), seconds, 0))
+    for run in runs:
+        run.pop("answers", None)
     write_json(args.out, results)
     print(f"\n{results['device']}, {args.new_tokens} new tokens, {len(texts)} sentences")
     for run in runs:

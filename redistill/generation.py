@@ -4,6 +4,10 @@ Every prompt starts with the same system turn, so its keys and values are comput
 batch: only each sentence's own tokens are prefilled. Batches are cut from prompts sorted by length (little
 padding, placed between the shared prefix and each sentence), decoding runs on the KV cache with greedy argmax,
 and rows that reached an end-of-turn token leave the batch, so the rest decode at the width still working.
+
+On a GPU, decoding is bound by the host launching ~1,000 small kernels a step, not by the GPU (profiled in
+BENCHMARKS.md). There the batch keeps a fixed size and a static KV cache, and one decoding step is captured once as
+a CUDA graph and replayed: one launch a step, and no cache growing by concatenation.
 """
 
 import copy
@@ -45,13 +49,19 @@ def prompt_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 class Generator:
     """Greedy answers of one model to sentences under one system prompt; the prompt's cache is built once."""
 
-    def __init__(self, model, tokenizer, system_prompt: str, max_new_tokens: int, batch_size: int):
+    def __init__(
+        self, model, tokenizer, system_prompt: str, max_new_tokens: int, batch_size: int, static: bool | None = None
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.system_prompt, self.max_new_tokens, self.batch_size = system_prompt, max_new_tokens, batch_size
         self.stops = stop_token_ids(tokenizer)
         self.device = next(model.parameters()).device
+        # Static batches take a 4D mask, which flash-attention does not; on the CPU there is no launch cost to save.
+        masks = getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+        self.static = (self.device.type == "cuda" and masks) if static is None else static
         self._prefix: list[int] | None = None
         self._prefix_cache = None
+        self._state: StaticState | None = None
 
     def prompt_ids(self, text: str) -> list[int]:
         return prompt_ids(self.tokenizer, text, self.system_prompt)
@@ -83,6 +93,8 @@ class Generator:
         return len(self._prefix), self._prefix_cache
 
     def _generate_batch(self, prompts: list[list[int]]) -> list[Generation]:
+        if self.static:
+            return self._generate_static_batch(prompts)
         prefix_length, prefix_cache = self._prefix_for(prompts)
         cache = copy.deepcopy(prefix_cache)
         cache.batch_repeat_interleave(len(prompts))
@@ -128,11 +140,130 @@ class Generator:
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long, device=self.device)], 1)
         return [self._decode(answer) for answer in tokens.tolist()]
 
+    def _generate_static_batch(self, prompts: list[list[int]]) -> list[Generation]:
+        """Decoding at a fixed batch size over a static cache (short batches are filled up with their last prompt),
+        one step replayed as a CUDA graph on a GPU. Every key position has a mask entry: 0 where a row may look,
+        the dtype's minimum elsewhere."""
+        count = len(prompts)
+        prompts = prompts + [prompts[-1]] * (self.batch_size - count)
+        prefix_length, prefix_cache = self._prefix_for(prompts)
+        suffixes = [prompt[prefix_length:] for prompt in prompts]
+        width = max(len(suffix) for suffix in suffixes)
+        state = self._static_state(prefix_length + width + self.max_new_tokens)
+        blocked = torch.finfo(state.mask.dtype).min
+        for layer, prefix_layer in zip(state.cache.layers, prefix_cache.layers, strict=True):
+            if prefix_length:
+                layer.keys[:, :, :prefix_length] = prefix_layer.keys
+                layer.values[:, :, :prefix_length] = prefix_layer.values
+            layer.cumulative_length.fill_(prefix_length)
+        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        suffix_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+        for row, suffix in enumerate(suffixes):
+            input_ids[row, width - len(suffix) :] = torch.tensor(suffix)
+            suffix_mask[row, width - len(suffix) :] = True
+        input_ids, suffix_mask = input_ids.to(self.device), suffix_mask.to(self.device)
+        state.mask.fill_(blocked)
+        state.mask[:, 0, 0, :prefix_length] = 0
+        state.mask[:, 0, 0, prefix_length : prefix_length + width].masked_fill_(suffix_mask, 0)
+        positions = (prefix_length + suffix_mask.long().cumsum(-1) - 1).clamp(min=prefix_length)
+        keys = torch.arange(state.mask.shape[-1], device=self.device)
+        queries = torch.arange(prefix_length, prefix_length + width, device=self.device)
+        causal = torch.where(keys[None, :] <= queries[:, None], 0.0, blocked).to(state.mask.dtype)
+        prefill_mask = torch.maximum(state.mask + causal, torch.tensor(blocked, device=self.device))
+        prefill_mask[:, :, torch.arange(width), queries] = 0  # every query sees itself: no row of only blocked keys
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=prefill_mask,
+            position_ids=positions,
+            past_key_values=state.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
+        next_tokens = logits[:, -1].argmax(-1)
+        state.positions.copy_(positions[:, -1:])
+        stops = torch.tensor(self.stops, device=self.device)
+        tokens = torch.full((len(prompts), self.max_new_tokens), self.tokenizer.pad_token_id, device=self.device)
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        for step in range(self.max_new_tokens):
+            tokens[:, step] = torch.where(finished, self.tokenizer.pad_token_id, next_tokens)
+            finished |= torch.isin(next_tokens, stops)
+            if step + 1 == self.max_new_tokens or ((step + 1) % SYNC_EVERY == 0 and bool(finished[:count].all())):
+                break
+            state.input_ids.copy_(next_tokens[:, None])
+            state.positions.add_(1)
+            state.mask[:, 0, 0, prefix_length + width + step] = 0
+            next_tokens = state.step().clone()
+        return [self._decode(answer) for answer in tokens[:count].tolist()]
+
+    def _static_state(self, length: int) -> "StaticState":
+        if self._state is None or self._state.mask.shape[-1] < length:
+            self._state = None  # the old cache and graph go before the new ones are allocated
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._state = StaticState.build(self.model, self.batch_size, length, self.device)
+        return self._state
+
     def _decode(self, new: list[int]) -> Generation:
         end = next((position for position, token in enumerate(new) if token in self.stops), None)
         kept = new if end is None else new[:end]
         text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
         return Generation(text=text, ended=end is not None, new_tokens=len(kept))
+
+
+@dataclass
+class StaticState:
+    """A static cache for one batch size and length, the step's inputs at fixed addresses, and the step itself:
+    a CUDA graph's replay on a GPU, a plain forward elsewhere."""
+
+    model: object
+    cache: object
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    graph: object = None
+    next_tokens: torch.Tensor | None = None
+
+    @classmethod
+    @torch.inference_mode()
+    def build(cls, model, batch_size: int, length: int, device) -> "StaticState":
+        from transformers import StaticCache
+
+        dtype = next(model.parameters()).dtype
+        state = cls(
+            model=model,
+            cache=StaticCache(config=model.config, max_cache_len=length),
+            input_ids=torch.zeros((batch_size, 1), dtype=torch.long, device=device),
+            positions=torch.zeros((batch_size, 1), dtype=torch.long, device=device),
+            mask=torch.zeros((batch_size, 1, 1, length), dtype=dtype, device=device),
+        )
+        state.forward()  # allocates the cache; later batches reset where each layer writes
+        if device.type == "cuda":
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside the capture, as CUDA graphs need
+                state.forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            state.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(state.graph):
+                state.next_tokens = state.forward()
+        return state
+
+    def forward(self) -> torch.Tensor:
+        logits = self.model(
+            input_ids=self.input_ids,
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
+        return logits[:, -1].argmax(-1)
+
+    def step(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.forward()
+        self.graph.replay()
+        return self.next_tokens
 
 
 def generate(

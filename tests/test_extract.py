@@ -63,14 +63,16 @@ def reference_tokens(model, tokenizer, texts, system_prompt, stops, max_new_toke
     return answers
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_generator_gives_transformers_greedy_answers_and_drops_finished_rows(tiny_student, batch_size):
+def test_generator_gives_transformers_greedy_answers(tiny_student, batch_size, static):
+    """Both ways of decoding: rows leaving a growing cache (CPU), a fixed batch on a static cache (GPU graphs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_student), AutoTokenizer.from_pretrained(tiny_student)
     tokenizer.pad_token = tokenizer.eos_token
     texts = [sentence for _, sentence in split_sentences(TEXT.replace("\n", " "))] + ["x", "Rome is in Italy."]
-    generator = Generator(model, tokenizer, "Extract the triples.", 30, batch_size)
+    generator = Generator(model, tokenizer, "Extract the triples.", 30, batch_size, static=static)
     # The random model never says end of turn: stop also at a token it says at different steps in different answers
     # (or never), so that rows finish at different times and leave the batch.
     plain = reference_tokens(model, tokenizer, texts, "Extract the triples.", generator.stops, 30)
