@@ -39,7 +39,11 @@ class PageVisit:
     @property
     def network_requests(self) -> list[str]:
         """Addresses the page asked for beyond its own file and inlined data."""
-        return [url for url in self.requested if not url.startswith(("file:", "data:", "blob:", "about:", "chrome:", "chrome-untrusted:"))]
+        return [
+            url
+            for url in self.requested
+            if not url.startswith(("file:", "data:", "blob:", "about:", "chrome:", "chrome-untrusted:"))
+        ]
 
 
 @pytest.fixture(scope="session")
