@@ -11,6 +11,7 @@ a CUDA graph and replayed: one launch a step, and no cache growing by concatenat
 """
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +42,12 @@ def shared_prefix_length(prompts: list[list[int]]) -> int:
 
 
 def prompt_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices of the prompts, sorted by length and cut into batches of ``batch_size``."""
+    """Indices of the prompts, sorted by length and cut into the fewest batches of at most ``batch_size``, all of
+    nearly one size: 1,041 prompts at 512 make 3 batches of 347, not 512, 512 and 17 (a fixed-size batch would
+    fill the 17 up to 512)."""
     order = sorted(range(len(lengths)), key=lambda index: lengths[index])
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    size = math.ceil(len(order) / math.ceil(len(order) / batch_size)) if order else batch_size
+    return [order[start : start + size] for start in range(0, len(order), size)]
 
 
 class Generator:
@@ -62,6 +66,7 @@ class Generator:
         self._prefix: list[int] | None = None
         self._prefix_cache = None
         self._state: StaticState | None = None
+        self._batch_rows = batch_size  # the rows of this call's batches; a static batch is filled up to it
 
     def prompt_ids(self, text: str) -> list[int]:
         return prompt_ids(self.tokenizer, text, self.system_prompt)
@@ -72,7 +77,9 @@ class Generator:
         prompts = [self.prompt_ids(text) for text in texts]
         results: list[Generation | None] = [None] * len(prompts)
         with tqdm(total=len(prompts), desc=desc, unit="sentence", disable=not progress) as bar:
-            for batch in prompt_batches([len(prompt) for prompt in prompts], self.batch_size):
+            batches = prompt_batches([len(prompt) for prompt in prompts], self.batch_size)
+            self._batch_rows = max((len(batch) for batch in batches), default=self.batch_size)
+            for batch in batches:
                 for index, generation in zip(batch, self._generate_batch([prompts[i] for i in batch]), strict=True):
                     results[index] = generation
                 bar.update(len(batch))
@@ -145,7 +152,7 @@ class Generator:
         one step replayed as a CUDA graph on a GPU. Every key position has a mask entry: 0 where a row may look,
         the dtype's minimum elsewhere."""
         count = len(prompts)
-        prompts = prompts + [prompts[-1]] * (self.batch_size - count)
+        prompts = prompts + [prompts[-1]] * (self._batch_rows - count)
         prefix_length, prefix_cache = self._prefix_for(prompts)
         suffixes = [prompt[prefix_length:] for prompt in prompts]
         width = max(len(suffix) for suffix in suffixes)
@@ -196,11 +203,11 @@ class Generator:
         return [self._decode(answer) for answer in tokens[:count].tolist()]
 
     def _static_state(self, length: int) -> "StaticState":
-        if self._state is None or self._state.mask.shape[-1] < length:
+        if self._state is None or self._state.mask.shape[-1] < length or len(self._state.mask) != self._batch_rows:
             self._state = None  # the old cache and graph go before the new ones are allocated
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self._state = StaticState.build(self.model, self.batch_size, length, self.device)
+            self._state = StaticState.build(self.model, self._batch_rows, length, self.device)
         return self._state
 
     def _decode(self, new: list[int]) -> Generation:

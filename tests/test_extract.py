@@ -10,7 +10,7 @@ import pytest
 
 from redistill.cli import main
 from redistill.extraction import read_inputs, sentences_of
-from redistill.generation import Generator, shared_prefix_length
+from redistill.generation import Generator, prompt_batches, shared_prefix_length
 from redistill.sentences import split_sentences
 
 TEXT = (
@@ -90,6 +90,14 @@ def test_generator_gives_transformers_greedy_answers(tiny_student, batch_size, s
     ]
     assert [answer.new_tokens for answer in answers] == [len(ids) for ids in expected]
     assert any(answer.ended for answer in answers) and len({answer.new_tokens for answer in answers}) > 2
+
+
+def test_batches_are_sorted_by_length_and_of_nearly_one_size():
+    batches = prompt_batches(list(range(1041, 0, -1)), 512)
+    assert [len(batch) for batch in batches] == [347, 347, 347]
+    assert batches[0][:2] == [1040, 1039]  # shortest first
+    assert [len(batch) for batch in prompt_batches([5] * 10, 4)] == [4, 4, 2]
+    assert prompt_batches([], 8) == []
 
 
 def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
