@@ -291,3 +291,21 @@ def test_merge_refuses_a_folder_that_is_not_an_adapter(tmp_path, tiny_student, c
     assert main(["merge", "--model", str(tiny_student), "-o", str(tmp_path / "m")]) == 1
     assert "is not an adapter folder (no adapter_config.json)" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_the_instruction_is_the_one_the_model_was_trained_with(tmp_path, monkeypatch):
+    from redistill.extraction import trained_system_prompt
+    from redistill.prompts import DEFAULT_SYSTEM_PROMPT
+
+    monkeypatch.chdir(tmp_path)
+    assert trained_system_prompt("models/adapter") == DEFAULT_SYSTEM_PROMPT
+    (tmp_path / "params.yaml").write_text("student: {system_prompt: null}\nteacher: {system_prompt: From params.}\n")
+    assert trained_system_prompt("models/adapter") == "From params."
+    # dvc.lock records what the adapter was trained with, also when `make demo` put params.yaml back afterwards
+    lock = "stages:\n  train:\n    params:\n      params.yaml:\n        student: {system_prompt: Short one.}\n"
+    (tmp_path / "dvc.lock").write_text(lock + "        teacher.system_prompt: null\n")
+    assert trained_system_prompt("models/adapter") == "Short one."
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "redistill.json").write_text('{"system_prompt": "Merged in."}')
+    assert trained_system_prompt(str(merged)) == "Merged in."
