@@ -41,6 +41,31 @@ def shared_prefix_length(prompts: list[list[int]]) -> int:
     return length
 
 
+def greedy_next(model, input_ids, mask, positions, cache) -> torch.Tensor:
+    """One forward pass over the cache; the most likely next token of each row."""
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits
+    return logits[:, -1].argmax(-1)
+
+
+def left_padded(suffixes: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The suffixes as one tensor, right-aligned so every row's answer starts at the same column, and which
+    positions hold tokens."""
+    width = max(len(suffix) for suffix in suffixes)
+    input_ids = torch.full((len(suffixes), width), pad, dtype=torch.long)
+    filled = torch.zeros((len(suffixes), width), dtype=torch.bool)
+    for row, suffix in enumerate(suffixes):
+        input_ids[row, width - len(suffix) :] = torch.tensor(suffix)
+        filled[row, width - len(suffix) :] = True
+    return input_ids.to(device), filled.to(device)
+
+
 def prompt_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices of the prompts, sorted by length and cut into the fewest batches of at most ``batch_size``, all of
     nearly one size: 1,041 prompts at 512 make 3 batches of 347, not 512, 512 and 17 (a fixed-size batch would
@@ -106,14 +131,9 @@ class Generator:
         cache = copy.deepcopy(prefix_cache)
         cache.batch_repeat_interleave(len(prompts))
         pad = self.tokenizer.pad_token_id
-        suffixes = [prompt[prefix_length:] for prompt in prompts]
-        width = max(len(suffix) for suffix in suffixes)
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        suffix_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, suffix in enumerate(suffixes):  # padding between the shared prefix and each sentence's tokens
-            input_ids[row, width - len(suffix) :] = torch.tensor(suffix)
-            suffix_mask[row, width - len(suffix) :] = 1
-        input_ids, suffix_mask = input_ids.to(self.device), suffix_mask.to(self.device)
+        # padding between the shared prefix and each sentence's tokens
+        input_ids, filled = left_padded([prompt[prefix_length:] for prompt in prompts], pad, self.device)
+        suffix_mask = filled.long()
         prefix_mask = torch.ones((len(prompts), prefix_length), dtype=torch.long, device=self.device)
         mask = torch.cat([prefix_mask, suffix_mask], 1)
         positions = (prefix_length + suffix_mask.cumsum(-1) - 1).clamp(min=prefix_length)
@@ -123,15 +143,7 @@ class Generator:
         tokens = torch.full((len(prompts), self.max_new_tokens), pad, dtype=torch.long, device=self.device)
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         for step in range(self.max_new_tokens):
-            logits = self.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits
-            next_tokens = logits[:, -1].argmax(-1)
+            next_tokens = greedy_next(self.model, input_ids, mask, positions, cache)
             tokens[rows, step] = torch.where(finished, pad, next_tokens)
             finished |= torch.isin(next_tokens, stops)
             if (step + 1) % SYNC_EVERY == 0 and step + 1 < self.max_new_tokens:
@@ -151,11 +163,11 @@ class Generator:
         """Decoding at a fixed batch size over a static cache (short batches are filled up with their last prompt),
         one step replayed as a CUDA graph on a GPU. Every key position has a mask entry: 0 where a row may look,
         the dtype's minimum elsewhere."""
-        count = len(prompts)
+        count, pad = len(prompts), self.tokenizer.pad_token_id
         prompts = prompts + [prompts[-1]] * (self._batch_rows - count)
         prefix_length, prefix_cache = self._prefix_for(prompts)
-        suffixes = [prompt[prefix_length:] for prompt in prompts]
-        width = max(len(suffix) for suffix in suffixes)
+        input_ids, suffix_mask = left_padded([prompt[prefix_length:] for prompt in prompts], pad, self.device)
+        width = input_ids.shape[1]
         state = self._static_state(prefix_length + width + self.max_new_tokens)
         blocked = torch.finfo(state.mask.dtype).min
         for layer, prefix_layer in zip(state.cache.layers, prefix_cache.layers, strict=True):
@@ -163,12 +175,6 @@ class Generator:
                 layer.keys[:, :, :prefix_length] = prefix_layer.keys
                 layer.values[:, :, :prefix_length] = prefix_layer.values
             layer.cumulative_length.fill_(prefix_length)
-        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        suffix_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
-        for row, suffix in enumerate(suffixes):
-            input_ids[row, width - len(suffix) :] = torch.tensor(suffix)
-            suffix_mask[row, width - len(suffix) :] = True
-        input_ids, suffix_mask = input_ids.to(self.device), suffix_mask.to(self.device)
         state.mask.fill_(blocked)
         state.mask[:, 0, 0, :prefix_length] = 0
         state.mask[:, 0, 0, prefix_length : prefix_length + width].masked_fill_(suffix_mask, 0)
@@ -178,21 +184,13 @@ class Generator:
         causal = torch.where(keys[None, :] <= queries[:, None], 0.0, blocked).to(state.mask.dtype)
         prefill_mask = torch.maximum(state.mask + causal, torch.tensor(blocked, device=self.device))
         prefill_mask[:, :, torch.arange(width), queries] = 0  # every query sees itself: no row of only blocked keys
-        logits = self.model(
-            input_ids=input_ids,
-            attention_mask=prefill_mask,
-            position_ids=positions,
-            past_key_values=state.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits
-        next_tokens = logits[:, -1].argmax(-1)
+        next_tokens = greedy_next(self.model, input_ids, prefill_mask, positions, state.cache)
         state.positions.copy_(positions[:, -1:])
         stops = torch.tensor(self.stops, device=self.device)
-        tokens = torch.full((len(prompts), self.max_new_tokens), self.tokenizer.pad_token_id, device=self.device)
+        tokens = torch.full((len(prompts), self.max_new_tokens), pad, device=self.device)
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         for step in range(self.max_new_tokens):
-            tokens[:, step] = torch.where(finished, self.tokenizer.pad_token_id, next_tokens)
+            tokens[:, step] = torch.where(finished, pad, next_tokens)
             finished |= torch.isin(next_tokens, stops)
             if step + 1 == self.max_new_tokens or ((step + 1) % SYNC_EVERY == 0 and bool(finished[:count].all())):
                 break
@@ -256,15 +254,7 @@ class StaticState:
         return state
 
     def forward(self) -> torch.Tensor:
-        logits = self.model(
-            input_ids=self.input_ids,
-            attention_mask=self.mask,
-            position_ids=self.positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits
-        return logits[:, -1].argmax(-1)
+        return greedy_next(self.model, self.input_ids, self.mask, self.positions, self.cache)
 
     def step(self) -> torch.Tensor:
         if self.graph is None:
