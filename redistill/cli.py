@@ -1,10 +1,11 @@
-"""The `redistill` command: `redistill score FILE --gold KEY --pred KEY [--json]`."""
+"""The `redistill` command: `score`, `extract`, `merge` and `graph` (`redistill COMMAND --help`)."""
 
 import argparse
 import json
 import sys
 from pathlib import Path
 
+from redistill import extraction, graph, merging
 from redistill.errors import PipelineError
 from redistill.io import read_records
 from redistill.scoring import MODES, score
@@ -45,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     scorer.add_argument("--gold", required=True, help="field holding the gold answer string")
     scorer.add_argument("--pred", required=True, help="field holding the predicted answer string")
     scorer.add_argument("--json", action="store_true", help="print the result as JSON")
+    for command in (extraction, merging, graph):
+        command.add_parser(commands)
     args = parser.parse_args(argv)
     try:
+        if args.command != "score":
+            args.run(args)
+            return 0
         result = score_file(args.file, args.gold, args.pred)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -110,3 +110,8 @@ def plot_rows(metrics: dict) -> tuple[list[dict], list[dict]]:
         for key, label in (("well_formed_share", "well-formed lines"), ("ended_at_eos_share", "ended at EOS"))
     ]
     return f1, answers
+
+
+def graphed_model(models: list[str]) -> str:
+    """The model whose answers the test graph draws: the fine-tuned student where it was evaluated."""
+    return "finetuned" if "finetuned" in models else models[0]

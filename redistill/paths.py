@@ -10,6 +10,7 @@ SPLITS = {name: Path(f"data/{name}.jsonl") for name in ("train", "val", "test")}
 METRICS = Path("metrics")
 PREDICTIONS = Path("data/predictions.jsonl")
 TEACHER_PREDICTIONS = Path("data/teacher_predictions.jsonl")
+TEST_GRAPH = Path("data/test_graph.html")  # gold and predicted triples of the test split, drawn
 BASE_MODEL = Path("models/base")
 ADAPTER = Path("models/adapter")
 CHECKPOINTS = Path("models/checkpoints")

@@ -61,6 +61,20 @@ def first_sentence(text: str) -> str:
     return text
 
 
+def split_sentences(text: str) -> list[tuple[int, str]]:
+    """Every sentence of ``text`` (whitespace collapsed) with the offset in ``text`` where it starts."""
+    sentences, start = [], 0
+    for match in [*_BOUNDARY.finditer(text), None]:
+        if match is not None and not _ends_sentence(text, match):
+            continue
+        end = len(text) if match is None else match.end()
+        piece = text[start:end]
+        if piece.strip():
+            sentences.append((start + len(piece) - len(piece.lstrip()), collapse_whitespace(piece)))
+        start = end
+    return sentences
+
+
 def normalize(text: str) -> str:
     """The form two sentences are compared in: NFKC, casefolded, whitespace collapsed."""
     return collapse_whitespace(unicodedata.normalize("NFKC", text).casefold())

@@ -1,13 +1,16 @@
 """Stage evaluate: the base and the fine-tuned student answer the test split; scored against the teacher's labels.
 
-Writes data/predictions.jsonl, metrics/eval.json, and metrics/f1.json and metrics/answers.json for `dvc plots show`.
+Writes data/predictions.jsonl, metrics/eval.json, metrics/f1.json and metrics/answers.json (drawn by `dvc plots
+show`), and data/test_graph.html, the test split's gold and predicted triples as a knowledge graph (open it in a
+browser).
 """
 
 import torch
 
 from redistill import paths
 from redistill.errors import run_stage
-from redistill.evaluation import EvalParams, evaluate, plot_rows
+from redistill.evaluation import EvalParams, evaluate, graphed_model, plot_rows
+from redistill.graph import gold_and_predicted_graph, write_html
 from redistill.io import read_jsonl, write_json, write_jsonl
 from redistill.params import load_block, read_params_file
 from redistill.prompts import teacher_prompt
@@ -35,6 +38,8 @@ def main() -> None:
     f1_rows, answer_rows = plot_rows(metrics)
     write_json(paths.F1_PLOT, f1_rows)
     write_json(paths.ANSWERS_PLOT, answer_rows)
+    model = graphed_model(eval_params.models)
+    write_html(gold_and_predicted_graph(test, rows, model), paths.TEST_GRAPH, f"Test split: gold and {model} triples")
 
 
 if __name__ == "__main__":

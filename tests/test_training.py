@@ -208,6 +208,7 @@ def test_train_and_evaluate_stages_on_a_tiny_model(project, tmp_path, tiny_stude
     predictions = read_jsonl("data/predictions.jsonl")
     assert len(predictions) == 6 and set(predictions[0]) == {"id", "text", "gold", "base", "finetuned"}
     assert predictions[0]["gold"] == "Person200|was born in|Warsaw"
+    assert "Test split: gold and finetuned triples" in Path("data/test_graph.html").read_text()
     plot = json.loads(Path("metrics/f1.json").read_text())
     assert [row["model"] for row in plot] == [
         "base (exact)",

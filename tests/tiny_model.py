@@ -34,15 +34,17 @@ def build_tokenizer(chat_template: str | None = CHATML, eos: str = "<|im_end|>")
     return tokenizer
 
 
-def build_model(folder: Path, chat_template: str | None = CHATML, eos: str = "<|im_end|>") -> Path:
+def build_model(
+    folder: Path, chat_template: str | None = CHATML, eos: str = "<|im_end|>", hidden_size: int = 32
+) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(chat_template, eos)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
