@@ -12,6 +12,8 @@ import pytest
 from browser import open_page
 from dvc_repo import GIT_IDENTITY, VENV, edit_params, make_demo, make_repo, make_tiny_demo, ran, sh
 
+from redistill.io import read_jsonl
+
 pytestmark = pytest.mark.slow
 STAGES = ["sample", "synthesize", "split", "import_model", "train", "evaluate", "evaluate_teacher"]
 # Lines that once buried the demo's own output: DVC's first `exp run`, bitsandbytes' Hub kernel, a transformers
@@ -30,6 +32,7 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def test_make_demo_trains_smollm2_offline_quietly_and_draws_its_plots_offline(tmp_path, chromium):
+    """Then the README's next steps: the trained student on your own text, merged, and the graph it finds."""
     repo = make_repo(tmp_path / "project")
     output = make_demo(repo)
     assert ran(output) == STAGES
@@ -49,6 +52,23 @@ def test_make_demo_trains_smollm2_offline_quietly_and_draws_its_plots_offline(tm
     assert visit.console_errors == []
     assert visit.network_requests == []
     assert chromium.execute_script(PLOTS_DRAWN) == 3  # the curated plots, not one per logged metric
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text(
+        "Marie Curie was born in Warsaw in 1867 and moved to Paris.\n"
+        "The U.S. Army was founded in 1775 by the Continental Congress. It grew.\n"
+    )
+    sh("redistill", "extract", str(notes), "-o", "triples.jsonl", cwd=demo)
+    extracted = read_jsonl(demo / "triples.jsonl")
+    assert [record["source"] for record in extracted] == [f"{notes}:1", f"{notes}:2", f"{notes}:2"]
+    assert all(record["triples"] for record in extracted[:2])  # the trained student answers in triples
+    sh("redistill", "merge", "-o", "models/merged", cwd=demo)
+    sh("redistill", "extract", str(notes), "--model", "models/merged", "-o", "merged.jsonl", cwd=demo)
+    assert all(record["triples"] for record in read_jsonl(demo / "merged.jsonl")[:2])
+    sh("redistill", "graph", "triples.jsonl", "-o", "kg", cwd=demo)
+    assert (demo / "kg.graphml").is_file()
+    visit = open_page(chromium, demo / "kg.html")
+    assert visit.console_errors == [] and visit.network_requests == []
 
 
 def test_every_dvc_command_the_readme_shows_works_after_the_demo(tmp_path, tiny_student):
