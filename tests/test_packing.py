@@ -21,7 +21,9 @@ def examples():
     tokenizer = build_tokenizer()
     tokenizer.pad_token = tokenizer.eos_token
     triples = [[["Marie Curie", "was born in", "Warsaw"]], [["U.S. Army", "founded in", "1775"]], [["A", "is", "b"]]]
-    return tokenizer, [training_example(tokenizer, t, r, DEFAULT_SYSTEM_PROMPT) for t, r in zip(TEXTS, triples)]
+    return tokenizer, [
+        training_example(tokenizer, t, r, DEFAULT_SYSTEM_PROMPT) for t, r in zip(TEXTS, triples, strict=True)
+    ]
 
 
 def load(folder, attention: str):

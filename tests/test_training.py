@@ -14,12 +14,12 @@ from conftest import ROOT, labeled_rows, write_jsonl
 from tiny_model import build_model, build_tokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from redistill.checkpoints import last_checkpoint
 from redistill.errors import PipelineError
 from redistill.generation import generate
 from redistill.io import read_jsonl
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT, ensure_chat_template, prompt_ids, training_example
 from redistill.student import StudentParams, load_finetuned
-from redistill.checkpoints import last_checkpoint
 from redistill.train_params import LoraParams, TrainParams
 from redistill.training import build_examples, train
 
