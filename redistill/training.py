@@ -1,107 +1,24 @@
 """The train stage's logic: LoRA or QLoRA supervised fine-tuning of the student with trl's SFTTrainer."""
 
-import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
-from transformers.integrations import DVCLiveCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
+from redistill.callbacks import GlobalStepDVCLive, LossInProgressBar, StepClock
+from redistill.checkpoints import fingerprint, last_checkpoint
 from redistill.errors import PipelineError
 from redistill.io import atomic_dir
-from redistill.launch import STRATEGIES, is_launched, local_rank, uses_fsdp
-from redistill.params import require
+from redistill.launch import is_launched, local_rank, uses_fsdp
 from redistill.prompts import training_example
 from redistill.student import StudentParams, load_model, load_tokenizer
-
-SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_min_lr")
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-@dataclass(frozen=True)
-class LoraParams:
-    r: int
-    alpha: int
-    dropout: float
-    target_modules: list[str]
-
-    def validate(self) -> None:
-        require(self.r > 0, "train.lora.r", f"must be positive, got {self.r}")
-        require(self.alpha > 0, "train.lora.alpha", f"must be positive, got {self.alpha}")
-        require(0 <= self.dropout < 1, "train.lora.dropout", f"must be in [0, 1), got {self.dropout}")
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    epochs: float
-    batch_size: int
-    grad_accum: int
-    learning_rate: float
-    lr_scheduler: str
-    warmup_ratio: float
-    max_grad_norm: float
-    optim: str
-    gradient_checkpointing: bool
-    max_seq_length: int
-    packing: bool
-    group_by_length: bool
-    seed: int
-    quantization: str
-    precision: str
-    max_steps: int
-    logging_steps: int
-    save_steps: int
-    num_processes: int
-    distributed: str
-    accelerate_config: str | None
-    lora: LoraParams
-
-    @property
-    def needs_launch(self) -> bool:
-        """Whether the stage runs as several processes under `accelerate launch`."""
-        return self.num_processes > 1 or self.accelerate_config is not None
-
-    def validate(self) -> None:
-        require(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
-        require(self.batch_size > 0, "train.batch_size", f"must be positive, got {self.batch_size}")
-        require(self.grad_accum > 0, "train.grad_accum", f"must be positive, got {self.grad_accum}")
-        require(self.learning_rate > 0, "train.learning_rate", f"must be positive, got {self.learning_rate}")
-        require(
-            self.lr_scheduler in SCHEDULERS,
-            "train.lr_scheduler",
-            f"must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}",
-        )
-        require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        require(self.max_grad_norm > 0, "train.max_grad_norm", f"must be positive, got {self.max_grad_norm}")
-        require(self.max_seq_length > 0, "train.max_seq_length", f"must be positive, got {self.max_seq_length}")
-        require(
-            self.quantization in ("nf4", "none"),
-            "train.quantization",
-            f"must be nf4 or none, got {self.quantization!r}",
-        )
-        require(self.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
-        require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", "must be -1 (whole epochs) or positive")
-        require(self.logging_steps > 0, "train.logging_steps", f"must be positive, got {self.logging_steps}")
-        require(self.save_steps > 0, "train.save_steps", f"must be positive, got {self.save_steps}")
-        require(self.num_processes > 0, "train.num_processes", f"must be positive, got {self.num_processes}")
-        require(
-            self.distributed in STRATEGIES,
-            "train.distributed",
-            f"must be one of {', '.join(STRATEGIES)}, got {self.distributed!r}",
-        )
-        require(
-            not (self.distributed == "fsdp" and "8bit" in self.optim),
-            "train.optim",
-            f"{self.optim} does not work with train.distributed: fsdp (FSDP can't shard bitsandbytes' 8-bit optimiser "
-            "states); use adamw_torch",
-        )
+from redistill.train_params import TrainParams
 
 
 def check_hardware(params: TrainParams) -> bool:
@@ -134,43 +51,6 @@ def build_examples(tokenizer, records: list[dict], system_prompt: str, max_seq_l
     return examples, too_long
 
 
-def fingerprint(*parts: object) -> str:
-    """A hash of everything that shapes training, so a checkpoint is resumed only by the run that wrote it."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def last_checkpoint(checkpoints: Path, expected: str, tidy: bool = True) -> str | None:
-    """The newest complete checkpoint of an interrupted run with the same fingerprint. With ``tidy`` (the main
-    process), stale and incomplete ones are removed first."""
-    if not tidy:
-        return _newest(list(checkpoints.glob("checkpoint-*")))
-    stamp = checkpoints / "fingerprint.txt"
-    if checkpoints.exists() and (not stamp.exists() or stamp.read_text() != expected):
-        shutil.rmtree(checkpoints)
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(expected)
-    complete = []
-    for folder in checkpoints.glob("checkpoint-*"):
-        if _is_complete(folder):
-            complete.append(folder)
-        else:  # killed while saving it; the trainer would choke on it, and rewrites it when it gets there again
-            shutil.rmtree(folder)
-    return _newest(complete)
-
-
-def _newest(checkpoints: list[Path]) -> str | None:
-    return str(max(checkpoints, key=lambda path: int(path.name.split("-")[1]))) if checkpoints else None
-
-
-def _is_complete(checkpoint: Path) -> bool:
-    # The trainer writes the weights, the optimizer and the RNG state first and trainer_state.json last.
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
 def train(
     params: TrainParams,
     student: StudentParams,
@@ -179,13 +59,14 @@ def train(
     val_records: list[dict],
     adapter_dir: Path,
     checkpoints: Path,
-    log_dir: Path,
+    log_dir: Path | None,
+    callbacks: tuple = (),
 ) -> tuple[dict, object]:
     """Fine-tune, save the adapter (with tokenizer and chat template) to ``adapter_dir``; return the metrics and
-    the trained (PEFT) model."""
+    the trained (PEFT) model. DVCLive writes the loss curve to ``log_dir`` (None: no curve); ``callbacks`` are
+    further trainer callbacks (a profiler, say)."""
     from accelerate.utils import extract_model_from_parallel
     from datasets import Dataset
-    from dvclive import Live
     from peft import LoraConfig, get_peft_model_state_dict
     from trl import SFTConfig
 
@@ -207,10 +88,11 @@ def train(
     if cuda:  # bitsandbytes quantizes onto the current GPU, and FSDP requires it to be this process's own
         torch.cuda.set_device(local_rank())
     model = load_model(student, dtype, device, params.quantization)
-    if params.quantization == "nf4" and not fsdp:  # its fp32 upcasts would break FSDP's uniform-dtype shards
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
+    if params.quantization == "nf4" and params.gradient_checkpointing:
+        # Recomputed layers need an input that asks for gradients. Unlike peft's prepare_model_for_kbit_training,
+        # the frozen embeddings and head stay in bf16: fp32 copies cost 2 GiB on an 8B student and change nothing
+        # under bf16 autocast, where the head's matrix product runs in bf16 anyway.
+        model.enable_input_require_grads()
     lora = LoraConfig(
         r=params.lora.r,
         lora_alpha=params.lora.alpha,
@@ -236,8 +118,11 @@ def train(
         bf16=bf16,
         tf32=True if cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
         use_cpu=not cuda,
-        max_length=params.max_seq_length,
-        packing=params.packing,
+        # build_examples has already dropped the examples over max_seq_length; trl refuses to cut packed rows.
+        max_length=None if params.packing else params.max_seq_length,
+        # Packing: each micro-batch's examples are concatenated into one row with no padding; position ids restart
+        # at every example, and the attention mask built from them keeps each example to itself.
+        padding_free=params.packing,
         # Batches of similar lengths waste less compute on padding; the order is still shuffled by the seed.
         train_sampling_strategy="group_by_length" if params.group_by_length else "random",
         seed=params.seed,
@@ -246,7 +131,9 @@ def train(
         save_steps=params.save_steps,
         save_total_limit=1,
         eval_strategy="epoch" if val_examples else "no",
-        include_num_input_tokens_seen="non_padding",  # summed over all processes
+        # Summed over all processes. A packed row has no padding to leave out (and "non_padding" would count an
+        # example's closing EOS as padding where pad = eos).
+        include_num_input_tokens_seen="all" if params.packing else "non_padding",
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search would cost a graph walk
         report_to="none",
         disable_tqdm=False,
@@ -260,12 +147,14 @@ def train(
     with config.main_process_first(local=False):  # the main process tidies the checkpoints before anyone reads
         resume = last_checkpoint(checkpoints, expected, tidy=main)
     clock = StepClock()
-    callbacks = [clock]
-    if main:  # a resumed run appends to the loss log it started; a new one starts it afresh
+    callbacks = [clock, *callbacks]
+    if main and log_dir is not None:  # a resumed run appends to the loss log it started; a new one starts it afresh
+        from dvclive import Live
+
         live = Live(dir=str(log_dir), resume=resume is not None, dvcyaml=None, save_dvc_exp=False, report=None)
         callbacks.append(GlobalStepDVCLive(live=live))
     try:
-        trainer = Trainer(
+        trainer = StudentTrainer(
             model=model,
             args=config,
             train_dataset=Dataset.from_list(train_examples),
@@ -278,14 +167,20 @@ def train(
         if "target module" not in str(error).lower():
             raise
         raise PipelineError(f"train.lora.target_modules: {error}") from None  # modules that the model does not have
-    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(ProgressCallback)  # for LossInProgressBar
     trainer.add_callback(LossInProgressBar)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before FSDP flattens them
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except torch.OutOfMemoryError:
+        raise PipelineError(
+            f"train: out of GPU memory with train.preset {params.preset}; try train.preset: low_memory, or a smaller "
+            "train.batch_size with a larger train.grad_accum"
+        ) from None
     seconds = time.monotonic() - started
 
     # Under FSDP this gathers the shards into whole tensors on the main process; every process takes part.
@@ -324,6 +219,12 @@ def train(
         "trainable_parameters": trainable,
         "num_processes": config.world_size,
         "global_batch_size": params.batch_size * params.grad_accum * config.world_size,
+        "preset": params.preset,
+        "batch_size": params.batch_size,
+        "grad_accum": params.grad_accum,
+        "packing": params.packing,
+        "gradient_checkpointing": params.gradient_checkpointing,
+        "optim": params.optim,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "precision": "bf16" if bf16 else "fp32",
         "quantization": params.quantization,
@@ -342,45 +243,9 @@ def _sort_target_modules(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-class StepClock(TrainerCallback):
-    """Times the optimiser steps, for a throughput without the first steps' warm-up (kernel selection, NCCL setup)."""
-
-    def __init__(self) -> None:
-        self.marks: list[tuple[float, int]] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.marks.append((time.monotonic(), state.num_input_tokens_seen))
-
-    def rate_after_warmup(self) -> float | None:
-        """Tokens per second over all but the first tenth of the steps (at least one) of this run."""
-        skip = max(1, len(self.marks) // 10)
-        if len(self.marks) - skip < 2:
-            return None
-        (started, tokens_before), (ended, tokens_after) = self.marks[skip - 1], self.marks[-1]
-        return (tokens_after - tokens_before) / (ended - started)
-
-
-class LossInProgressBar(ProgressCallback):
-    """The trainer's progress bar, with the latest losses in its postfix rather than a dict printed at each log."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and logs:
-            shown = {"loss": logs.get("loss"), "val_loss": logs.get("eval_loss")}
-            self.training_bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None}, refresh=False)
-
-
-class GlobalStepDVCLive(DVCLiveCallback):
-    """DVCLive counts its own steps (one per log call); pin them to the trainer's global step so that the loss
-    and eval-loss curves share an x axis."""
-
-    def on_log(self, args, state, control, **kwargs):
-        if self.live is not None:
-            self.live.step = state.global_step
-        return super().on_log(args, state, control, **kwargs)
-
-
-class Trainer(SFTTrainer):
-    """trl's SFTTrainer, with batches grouped by length in the same order on every process."""
+class StudentTrainer(SFTTrainer):
+    """trl's SFTTrainer, with batches grouped by length in the same order on every process, and the loss computed
+    from the logits of the labelled positions only."""
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length":
@@ -389,6 +254,25 @@ class Trainer(SFTTrainer):
         lengths = [len(ids) for ids in dataset["input_ids"]]
         batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
         return EpochSeededLengthGroupedSampler(batch, lengths=lengths, seed=self.args.seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Mean cross-entropy over the labelled tokens (of the whole accumulated batch, on every process, when the
+        trainer counts them), as transformers computes it; but the vocabulary-wide logits are built only where a
+        row has a label (the answer), not over the prompt, and no per-step metric is computed from them (trl's
+        entropy and token accuracy cost passes over those logits and a device sync every micro-batch)."""
+        inputs = dict(inputs)
+        targets = inputs.pop("labels")[:, 1:]  # position i predicts token i + 1
+        positions = (targets != -100).any(dim=0).nonzero().squeeze(1)
+        outputs = model(**inputs, use_cache=False, logits_to_keep=positions)
+        kept = targets[:, positions]
+        loss = torch.nn.functional.cross_entropy(
+            outputs.logits.float().flatten(0, 1), kept.flatten(), ignore_index=-100, reduction="sum"
+        )
+        count = num_items_in_batch if num_items_in_batch is not None else (kept != -100).sum()
+        loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages the gradients over the processes
+        return (loss, outputs) if return_outputs else loss
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):

@@ -12,7 +12,8 @@ from redistill.launch import is_launched, is_main_process, launch
 from redistill.params import load_block, read_params_file
 from redistill.prompts import teacher_prompt
 from redistill.student import StudentParams
-from redistill.training import TrainParams, check_hardware, train
+from redistill.train_params import TrainParams
+from redistill.training import check_hardware, train
 
 
 def main() -> None:

@@ -14,12 +14,14 @@ from conftest import ROOT, labeled_rows, write_jsonl
 from tiny_model import build_model, build_tokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from redistill.checkpoints import last_checkpoint
 from redistill.errors import PipelineError
 from redistill.generation import generate
 from redistill.io import read_jsonl
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT, ensure_chat_template, prompt_ids, training_example
 from redistill.student import StudentParams, load_finetuned
-from redistill.training import LoraParams, TrainParams, build_examples, last_checkpoint, train
+from redistill.train_params import LoraParams, TrainParams
+from redistill.training import build_examples, train
 
 TRIPLES = [["Marie Curie", "was born in", "Warsaw"], ["Marie Curie", "won", "Nobel Prizes"]]
 TEXT = "Marie Curie was born in Warsaw and won two Nobel Prizes."
@@ -72,6 +74,7 @@ def test_max_seq_length_shorter_than_the_prompt_is_an_error():
 
 def tiny_train_params(**changes) -> TrainParams:
     base = dict(
+        preset="post",
         epochs=3.0,
         batch_size=4,
         grad_accum=1,

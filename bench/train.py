@@ -1,0 +1,186 @@
+"""Benchmark the train presets (post, low_memory, fast) on the Llama-3-8B architecture on one GPU, in one run.
+
+Llama-3-8B is built from its published config with random weights (bench/train_8b.py): the same compute and memory.
+Each run is a fresh process that calls the train stage's `train()` with params.yaml's train block under a preset,
+from loading the student to the saved adapter, so peak memory and start-up are each run's own; the post's
+notebook (bench/post_recipe.py) runs on the same card for comparison. Every preset takes the same 8 examples per
+optimiser step in the same order, so the loss after step N compares like with like. Prints one table.
+
+    python bench/train.py --tokenizer DIR --data FILE --steps 40 --out results.json [--profile 3]
+
+Runs in the device image, which lacks dvclive: the runs write no DVCLive curve; the loss per step goes to --out.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from train_8b import build_random_llama3_8b, labelled_rows
+from transformers import TrainerCallback
+
+from redistill.io import write_json, write_jsonl
+from redistill.params import load_block
+from redistill.prompts import teacher_prompt
+from redistill.student import StudentParams
+from redistill.train_params import TrainParams
+
+ROOT = Path(__file__).resolve().parent.parent
+# name: (train-block overrides, whether it runs --steps steps (else whole epochs))
+# "cudnn": False turns PyTorch's cuDNN attention off for the run (the next fastest SDPA kernel takes over).
+RUNS = {
+    "post": ({"preset": "post"}, True),
+    "low_memory": ({"preset": "low_memory"}, True),
+    "fast": ({"preset": "fast"}, True),
+    "fast-padded": ({"preset": "fast", "packing": False}, True),
+    "fast-2-epochs": ({"preset": "fast"}, False),
+    "fast-no-cudnn": ({"preset": "fast", "cudnn": False}, True),
+    "low_memory-no-cudnn": ({"preset": "low_memory", "cudnn": False}, True),
+    "fast-2-epochs-no-cudnn": ({"preset": "fast", "cudnn": False}, False),
+}
+
+
+class LossLog(TrainerCallback):
+    """Collects the loss of every logged step."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+class StepProfiler(TrainerCallback):
+    """Profiles ``steps`` optimiser steps after the warm-up with torch.profiler and writes the kernel table."""
+
+    def __init__(self, steps: int, first: int, out: Path) -> None:
+        self.steps, self.first, self.out = steps, first, out
+        self.profiler = None
+        self.started = 0.0
+
+    def on_step_end(self, args, state, control, **kwargs):  # from one step's end to another's: all in between
+        if state.global_step == self.first and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            torch.cuda.synchronize()
+            self.started = time.perf_counter()
+        elif self.profiler is not None and state.global_step == self.first + self.steps:
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - self.started
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.key_averages()
+            gpu = sum(event.self_device_time_total for event in events) / 1e6
+            table = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
+            table += events.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=70)
+            summary = f"{self.steps} steps: wall {wall:.3f} s, GPU kernels {gpu:.3f} s ({gpu / wall:.0%} busy)\n"
+            self.out.write_text(summary + table)
+            print(summary, flush=True)
+            self.profiler = None
+            self.first = -1
+
+
+def child(argv: list[str]) -> None:
+    """One run in this process: the train stage's training on the random 8B, results to --result."""
+    from redistill.training import train
+
+    parser = argparse.ArgumentParser()
+    for name in ("--model", "--overrides", "--rows", "--result"):
+        parser.add_argument(name, required=True)
+    parser.add_argument("--profile", type=int, default=0)
+    args = parser.parse_args(argv)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["student"]["model"] = args.model
+    overrides = json.loads(args.overrides)
+    torch.backends.cuda.enable_cudnn_sdp(overrides.pop("cudnn", True))
+    params["train"].update(overrides)
+    train_params = load_block(TrainParams, "train", params)
+    student = load_block(StudentParams, "student", params)
+    workdir = Path(args.result).parent
+    losses = LossLog()
+    callbacks = [losses]
+    if args.profile:
+        callbacks.append(StepProfiler(args.profile, first=5, out=workdir / "profile.txt"))
+    metrics, _ = train(
+        train_params,
+        student,
+        student.prompt(teacher_prompt(params)),
+        [json.loads(line) for line in Path(args.rows).read_text().splitlines()],
+        [],
+        adapter_dir=workdir / "adapter",
+        checkpoints=workdir / "checkpoints",
+        log_dir=None,
+        callbacks=tuple(callbacks),
+    )
+    write_json(args.result, {**metrics, "losses": losses.losses})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", required=True, help="folder of a tokenizer (e.g. models/base)")
+    parser.add_argument("--data", required=True, help="labelled JSONL, or the post's JSON list of {text, gold_re}")
+    parser.add_argument("--steps", type=int, default=40, help="optimiser steps of the timed runs")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated: post-notebook, {', '.join(RUNS)}")
+    parser.add_argument("--profile", type=int, default=0, help="profile this many steps of each timed run (0: none)")
+    parser.add_argument("--work", default="bench-work")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    work = Path(args.work).resolve()
+    model = work / "llama3-8b-random"
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps}
+    results["build_seconds"] = build_random_llama3_8b(model, args.tokenizer)
+    rows_file = work / "train.jsonl"
+    write_jsonl(rows_file, labelled_rows(args.data))
+    results["sentences"] = sum(1 for _ in rows_file.open())
+    for name in args.runs.split(","):
+        folder = work / name
+        folder.mkdir(parents=True, exist_ok=True)
+        result = folder / "result.json"
+        started = time.monotonic()
+        if name == "post-notebook":
+            command = [sys.executable, str(ROOT / "bench/post_recipe.py"), "--model", str(model), "--data"]
+            command += [str(rows_file), "--max-steps", str(args.steps), "--out", str(result)]
+        else:
+            overrides, timed = RUNS[name]
+            # Timed runs save no checkpoint; whole runs save the preset's, as users' runs do.
+            overrides = {**overrides, **({"max_steps": args.steps, "save_steps": 10**6} if timed else {})}
+            command = [sys.executable, __file__, "--child", "--model", str(model), "--rows", str(rows_file)]
+            command += ["--overrides", json.dumps(overrides), "--result", str(result)]
+            command += ["--profile", str(args.profile if timed else 0)]
+        code = subprocess.run(command, cwd=folder).returncode
+        metrics = json.loads(result.read_text()) if code == 0 else {"failed": code}
+        metrics["process_seconds"] = time.monotonic() - started  # imports, loading, training, saving
+        results[name] = metrics
+        write_json(args.out, results)  # what has run so far survives a later run's failure
+        print(name, json.dumps({k: v for k, v in metrics.items() if k != "losses"}), flush=True)
+    print(table(results, args.steps))
+
+
+def table(results: dict, steps: int) -> str:
+    first = max(0, steps - 10)
+    lines = [
+        f"{results['device']}, torch {results['torch']}, {results['sentences']} sentences",
+        f"| run | tokens/s after warm-up | whole run | process s | peak GiB | loss, steps {first + 1}-{steps} |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, metrics in results.items():
+        if not isinstance(metrics, dict) or "process_seconds" not in metrics:
+            continue
+        losses = metrics.get("losses", [])[first:steps]
+        loss = f"{sum(losses) / len(losses):.3f}" if losses else "-"
+        after = metrics.get("tokens_per_second_after_warmup")
+        lines.append(
+            f"| {name} | {after or 0:,.0f} | {metrics.get('tokens_per_second') or 0:,.0f} | "
+            f"{metrics['process_seconds']:.0f} | {metrics.get('peak_gpu_memory_gb', 0):.1f} | {loss} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    child(sys.argv[2:]) if sys.argv[1:2] == ["--child"] else main()
