@@ -13,6 +13,7 @@ Runs in the device image, which lacks dvclive: the runs write no DVCLive curve; 
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -30,25 +31,37 @@ from redistill.student import StudentParams
 from redistill.train_params import TrainParams
 
 ROOT = Path(__file__).resolve().parent.parent
-# name: (train-block overrides, whether it runs --steps steps (else whole epochs))
-# "cudnn": False turns PyTorch's cuDNN attention off for the run (the next fastest SDPA kernel takes over).
+# name: (train-block overrides, whether it runs --steps steps (else whole epochs)). A "lora" override is merged into
+# the lora block; "profile" profiles that many steps of the run (as --profile does for every timed run).
 RUNS = {
     "post": ({"preset": "post"}, True),
     "low_memory": ({"preset": "low_memory"}, True),
     "fast": ({"preset": "fast"}, True),
+    "fast-compiled": ({"preset": "fast", "compile": True}, True),
+    "fast-no-dropout": ({"preset": "fast", "lora": {"dropout": 0.0}}, True),
     "fast-padded": ({"preset": "fast", "packing": False}, True),
     "fast-2-epochs": ({"preset": "fast"}, False),
-    "fast-no-cudnn": ({"preset": "fast", "cudnn": False}, True),
-    "low_memory-no-cudnn": ({"preset": "low_memory", "cudnn": False}, True),
-    "fast-2-epochs-no-cudnn": ({"preset": "fast", "cudnn": False}, False),
+    "fast-compiled-2-epochs": ({"preset": "fast", "compile": True}, False),
+    "fast-profiled": ({"preset": "fast", "profile": 3}, True),  # its rate includes the profiler's overhead
+    "fast-compiled-profiled": ({"preset": "fast", "compile": True, "profile": 3}, True),
 }
 
 
-class LossLog(TrainerCallback):
-    """Collects the loss of every logged step."""
+class StepLog(TrainerCallback):
+    """The loss of every logged step and the wall-clock seconds of every optimiser step."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.step_seconds: list[float] = []
+        self.last = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.step_seconds.append(now - self.last)
+        self.last = now
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -97,13 +110,13 @@ def child(argv: list[str]) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["student"]["model"] = args.model
     overrides = json.loads(args.overrides)
-    torch.backends.cuda.enable_cudnn_sdp(overrides.pop("cudnn", True))
+    params["train"]["lora"].update(overrides.pop("lora", {}))
     params["train"].update(overrides)
     train_params = load_block(TrainParams, "train", params)
     student = load_block(StudentParams, "student", params)
     workdir = Path(args.result).parent
-    losses = LossLog()
-    callbacks = [losses]
+    log = StepLog()
+    callbacks = [log]
     if args.profile:
         callbacks.append(StepProfiler(args.profile, first=5, out=workdir / "profile.txt"))
     metrics, _ = train(
@@ -117,7 +130,7 @@ def child(argv: list[str]) -> None:
         log_dir=None,
         callbacks=tuple(callbacks),
     )
-    write_json(args.result, {**metrics, "losses": losses.losses})
+    write_json(args.result, {**metrics, "losses": log.losses, "step_seconds": log.step_seconds})
 
 
 def main() -> None:
@@ -127,6 +140,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="optimiser steps of the timed runs")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated: post-notebook, {', '.join(RUNS)}")
     parser.add_argument("--profile", type=int, default=0, help="profile this many steps of each timed run (0: none)")
+    parser.add_argument("--run-timeout", type=int, default=600, help="seconds before a run is stopped")
     parser.add_argument("--work", default="bench-work")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -134,7 +148,8 @@ def main() -> None:
     work = Path(args.work).resolve()
     model = work / "llama3-8b-random"
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps}
-    results["build_seconds"] = build_random_llama3_8b(model, args.tokenizer)
+    if not (model / "config.json").is_file():  # built once per work folder
+        results["build_seconds"] = build_random_llama3_8b(model, args.tokenizer)
     rows_file = work / "train.jsonl"
     write_jsonl(rows_file, labelled_rows(args.data))
     results["sentences"] = sum(1 for _ in rows_file.open())
@@ -148,17 +163,22 @@ def main() -> None:
             command += [str(rows_file), "--max-steps", str(args.steps), "--out", str(result)]
         else:
             overrides, timed = RUNS[name]
+            overrides = dict(overrides)
+            profile = overrides.pop("profile", args.profile if timed else 0)
             # Timed runs save no checkpoint; whole runs save the preset's, as users' runs do.
             overrides = {**overrides, **({"max_steps": args.steps, "save_steps": 10**6} if timed else {})}
             command = [sys.executable, __file__, "--child", "--model", str(model), "--rows", str(rows_file)]
             command += ["--overrides", json.dumps(overrides), "--result", str(result)]
-            command += ["--profile", str(args.profile if timed else 0)]
-        code = subprocess.run(command, cwd=folder).returncode
+            command += ["--profile", str(profile)]
+        try:
+            code = subprocess.run(command, cwd=folder, timeout=args.run_timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
         metrics = json.loads(result.read_text()) if code == 0 else {"failed": code}
         metrics["process_seconds"] = time.monotonic() - started  # imports, loading, training, saving
         results[name] = metrics
         write_json(args.out, results)  # what has run so far survives a later run's failure
-        print(name, json.dumps({k: v for k, v in metrics.items() if k != "losses"}), flush=True)
+        print(name, json.dumps({k: v for k, v in metrics.items() if k not in ("losses", "step_seconds")}), flush=True)
     print(table(results, args.steps))
 
 
@@ -166,8 +186,9 @@ def table(results: dict, steps: int) -> str:
     first = max(0, steps - 10)
     lines = [
         f"{results['device']}, torch {results['torch']}, {results['sentences']} sentences",
-        f"| run | tokens/s after warm-up | whole run | process s | peak GiB | loss, steps {first + 1}-{steps} |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| run | tokens/s after warm-up | whole run | median step s | process s | peak GiB | "
+        f"loss, steps {first + 1}-{steps} |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, metrics in results.items():
         if not isinstance(metrics, dict) or "process_seconds" not in metrics:
@@ -175,8 +196,9 @@ def table(results: dict, steps: int) -> str:
         losses = metrics.get("losses", [])[first:steps]
         loss = f"{sum(losses) / len(losses):.3f}" if losses else "-"
         after = metrics.get("tokens_per_second_after_warmup")
+        step = statistics.median(metrics["step_seconds"]) if metrics.get("step_seconds") else 0
         lines.append(
-            f"| {name} | {after or 0:,.0f} | {metrics.get('tokens_per_second') or 0:,.0f} | "
+            f"| {name} | {after or 0:,.0f} | {metrics.get('tokens_per_second') or 0:,.0f} | {step:.3f} | "
             f"{metrics['process_seconds']:.0f} | {metrics.get('peak_gpu_memory_gb', 0):.1f} | {loss} |"
         )
     return "\n".join(lines)

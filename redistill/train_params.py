@@ -75,6 +75,7 @@ class TrainParams:
     gradient_checkpointing: bool | None
     max_seq_length: int
     packing: bool | None
+    compile: bool
     group_by_length: bool
     seed: int
     quantization: str | None

@@ -86,6 +86,7 @@ def tiny_train_params(**changes) -> TrainParams:
         gradient_checkpointing=False,
         max_seq_length=256,
         packing=False,
+        compile=False,
         group_by_length=True,
         seed=17,
         quantization="none",
