@@ -7,8 +7,7 @@ evaluate stage's code has the merged model answer the held-out sentences. Prints
 
     python bench/quality.py --student models/base --data sft_dataset.json --params demo/params.yaml --out q.json
 
-Before demo/params.yaml exists, the demo's recipe is params.yaml with the Makefile's DEMO_PARAMS train and student
-overrides, given as `--set train.learning_rate=1e-3` and so on (docs/training.md has the whole command).
+`--set train.packing=true` and the like change one key of the recipe (docs/training.md has the whole command).
 """
 
 import argparse
