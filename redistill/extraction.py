@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from redistill import paths
 from redistill.errors import PipelineError
-from redistill.io import write_json
+from redistill.io import jsonl_values, write_json
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT
 from redistill.sentences import sentence_id, split_sentences
 from redistill.student import StudentParams, load_model, load_tokenizer
@@ -83,13 +83,7 @@ def sentences_of(name: str, text: str, form: str, field: str) -> list[Sentence]:
     """The sentences of one input, each with the line it starts on."""
     found = []
     if form == "jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PipelineError(f"{name}:{number}: not valid JSON ({error.msg}); is it JSONL?") from None
+        for number, record in jsonl_values(text, name, hint="is it JSONL?"):
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise PipelineError(f"{name}:{number}: no string field {field!r}; choose the text field with --field")
             found += [(number, sentence) for _, sentence in split_sentences(record[field])]

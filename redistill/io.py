@@ -22,20 +22,26 @@ def read_text(path: Path) -> str:
         ) from None
 
 
+def jsonl_values(text: str, name: str, hint: str = "fix or remove that line") -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of JSONL ``text``; ``name`` and ``hint`` go into the error
+    for a line that is not JSON."""
+    # split on "\n" only: JSON strings may hold U+2028 and other characters str.splitlines() breaks at
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PipelineError(f"{name}:{number}: not valid JSON ({error.msg}); {hint}") from None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Every line of ``path`` as a JSON object; blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: file not found")
     records = []
-    # split on "\n" only: JSON strings may hold U+2028 and other characters str.splitlines() breaks at
-    for number, line in enumerate(read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise PipelineError(f"{path}:{number}: not valid JSON ({error.msg}); fix or remove that line") from None
+    for number, record in jsonl_values(read_text(path), str(path)):
         if not isinstance(record, dict):
             raise PipelineError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         records.append(record)
