@@ -37,10 +37,22 @@ RUNS = {
     "post": ({"preset": "post"}, True),
     "low_memory": ({"preset": "low_memory"}, True),
     "fast": ({"preset": "fast"}, True),
+    # The packed row through SDPA with a block-diagonal mask (cuDNN's kernel off), as before the varlen kernel.
+    "fast-sdpa": ({"preset": "fast", "attention": "sdpa"}, True),
+    # peft's casts of each projection's input to the fp32 adapter dtype kept (the stage turns them off under bf16).
+    "fast-input-casts": ({"preset": "fast", "input_casts": True}, True),
+    "fast-sdpa-input-casts": ({"preset": "fast", "attention": "sdpa", "input_casts": True}, True),
     "fast-compiled": ({"preset": "fast", "compile": True}, True),
     "fast-no-dropout": ({"preset": "fast", "lora": {"dropout": 0.0}}, True),
     "fast-padded": ({"preset": "fast", "packing": False}, True),
+    "fast-16": ({"preset": "fast", "batch_size": 16}, True),
+    "fast-16-compiled": ({"preset": "fast", "batch_size": 16, "compile": True}, True),
+    "fast-32": ({"preset": "fast", "batch_size": 32}, True),
+    "fast-32-compiled": ({"preset": "fast", "batch_size": 32, "compile": True}, True),
     "fast-2-epochs": ({"preset": "fast"}, False),
+    "fast-16-2-epochs": ({"preset": "fast", "batch_size": 16}, False),
+    "fast-16-lr-2-epochs": ({"preset": "fast", "batch_size": 16, "learning_rate": 2.83e-4}, False),  # x sqrt(2)
+    "fast-16-compiled-2-epochs": ({"preset": "fast", "batch_size": 16, "compile": True}, False),
     "fast-compiled-2-epochs": ({"preset": "fast", "compile": True}, False),
     "fast-profiled": ({"preset": "fast", "profile": 3}, True),  # its rate includes the profiler's overhead
     "fast-compiled-profiled": ({"preset": "fast", "compile": True, "profile": 3}, True),
@@ -110,6 +122,17 @@ def child(argv: list[str]) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["student"]["model"] = args.model
     overrides = json.loads(args.overrides)
+    if overrides.pop("attention", None) == "sdpa":
+        import redistill.training
+
+        redistill.training.packed_attention_available = lambda dtype: False
+        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN plans every new row length: 2.4x slower (BENCHMARKS.md)
+    if overrides.pop("input_casts", False):
+        import contextlib
+
+        import peft.helpers
+
+        peft.helpers.disable_input_dtype_casting = lambda model, active: contextlib.nullcontext()
     params["train"]["lora"].update(overrides.pop("lora", {}))
     params["train"].update(overrides)
     train_params = load_block(TrainParams, "train", params)
@@ -130,6 +153,8 @@ def child(argv: list[str]) -> None:
         log_dir=None,
         callbacks=tuple(callbacks),
     )
+    if train_params.compile:  # where the compiling time went (tracing, autograd, inductor), and how often
+        metrics["compile_times"] = torch._dynamo.utils.compile_times(repr="str")
     write_json(args.result, {**metrics, "losses": log.losses, "step_seconds": log.step_seconds})
 
 
@@ -179,22 +204,27 @@ def main() -> None:
         results[name] = metrics
         write_json(args.out, results)  # what has run so far survives a later run's failure
         print(name, json.dumps({k: v for k, v in metrics.items() if k not in ("losses", "step_seconds")}), flush=True)
-    print(table(results, args.steps))
+    print(table(results))
 
 
-def table(results: dict, steps: int) -> str:
-    first = max(0, steps - 10)
+def table(results: dict) -> str:
+    runs = {name: m for name, m in results.items() if isinstance(m, dict) and "process_seconds" in m}
+    # The loss over the same examples in every run (the batches come in the same order): the last 80 of the fewest
+    # examples that any run logged a loss for.
+    examples = {name: len(m["losses"]) * m["global_batch_size"] for name, m in runs.items() if m.get("losses")}
+    last = min(examples.values(), default=0)
+    window = f"loss, examples {max(0, last - 80) + 1}-{last}"
     lines = [
         f"{results['device']}, torch {results['torch']}, {results['sentences']} sentences",
-        "| run | tokens/s after warm-up | whole run | median step s | process s | peak GiB | "
-        f"loss, steps {first + 1}-{steps} |",
+        f"| run | tokens/s after warm-up | whole run | median step s | process s | peak GiB | {window} |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, metrics in results.items():
-        if not isinstance(metrics, dict) or "process_seconds" not in metrics:
-            continue
-        losses = metrics.get("losses", [])[first:steps]
-        loss = f"{sum(losses) / len(losses):.3f}" if losses else "-"
+    for name, metrics in runs.items():
+        loss = "-"
+        if name in examples and last:
+            batch = metrics["global_batch_size"]
+            losses = metrics["losses"][max(0, last - 80) // batch : last // batch]
+            loss = f"{sum(losses) / len(losses):.3f}" if losses else "-"
         after = metrics.get("tokens_per_second_after_warmup")
         step = statistics.median(metrics["step_seconds"]) if metrics.get("step_seconds") else 0
         lines.append(

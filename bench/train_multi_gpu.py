@@ -18,13 +18,6 @@ from train_8b import build_random_llama3_8b, labelled_rows, run_stage
 
 from redistill.io import write_json, write_jsonl
 
-# The fastest one-GPU recipe of BENCHMARKS.md: bf16 LoRA, no recomputation, one micro-batch of 8 per step.
-FAST_LORA = {
-    "quantization": "none",
-    "gradient_checkpointing": False,
-    "batch_size": 8,
-    "grad_accum": 1,
-}
 CHECKS = {
     "ddp-qlora": {},  # params.yaml as shipped: nf4 QLoRA through DDP
     "fsdp-qlora": {"quantization": "nf4", "distributed": "fsdp", "optim": "adamw_torch"},
@@ -36,12 +29,14 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True, help="folder of a tokenizer (e.g. models/base)")
     parser.add_argument("--data", required=True)
     parser.add_argument("--gpus", default=None, help="comma-separated GPU counts (default: 1 and all; '' for none)")
+    parser.add_argument("--recipe", default='{"preset": "fast"}', help="train-block overrides (JSON) of the runs")
     parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--check-steps", type=int, default=0, help="steps of each check run on all GPUs (0: none)")
     parser.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated, of: {', '.join(CHECKS)}")
     parser.add_argument("--work", default="bench-work")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    recipe = json.loads(args.recipe)
 
     available = torch.cuda.device_count()
     counts = [int(n) for n in args.gpus.split(",") if n] if args.gpus is not None else sorted({1, available})
@@ -54,9 +49,10 @@ def main() -> None:
         "device": f"{available} x {torch.cuda.get_device_name()}",
         "torch": torch.__version__,
         "max_steps": args.max_steps,
-        "recipe": FAST_LORA,
-        "build_seconds": build_random_llama3_8b(model, args.tokenizer),
+        "recipe": recipe,
     }
+    if not (model / "config.json").is_file():  # built once per work folder
+        results["build_seconds"] = build_random_llama3_8b(model, args.tokenizer)
     rows = labelled_rows(args.data)
 
     def run(name: str, steps: int, overrides: dict) -> dict:
@@ -73,7 +69,7 @@ def main() -> None:
 
     single = None
     for count in counts:
-        metrics = run(f"lora-{count}gpu", args.max_steps, {**FAST_LORA, "num_processes": count})
+        metrics = run(f"lora-{count}gpu", args.max_steps, {**recipe, "num_processes": count})
         if count == 1:
             single = metrics
         elif single:
