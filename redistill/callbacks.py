@@ -35,11 +35,21 @@ class LossInProgressBar(ProgressCallback):
             self.training_bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None}, refresh=False)
 
 
-class GlobalStepDVCLive(DVCLiveCallback):
-    """DVCLive counts its own steps (one per log call); pin them to the trainer's global step so that the loss
-    and eval-loss curves share an x axis."""
+class ExamplesSeenDVCLive(DVCLiveCallback):
+    """DVCLive counts its own steps (one per log call); pin them to the number of training examples seen, so that
+    the loss and eval-loss curves share an x axis, and runs that take different numbers of examples per optimiser
+    step (the presets) compare like with like in `dvc plots diff`."""
+
+    def __init__(self, examples_per_epoch: int, examples_per_step: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.examples_per_epoch, self.examples_per_step = examples_per_epoch, examples_per_step
+
+    def examples_seen(self, global_step: int) -> int:
+        steps_per_epoch = -(-self.examples_per_epoch // self.examples_per_step)  # the last step of an epoch is short
+        epochs, steps = divmod(global_step, steps_per_epoch)
+        return epochs * self.examples_per_epoch + min(steps * self.examples_per_step, self.examples_per_epoch)
 
     def on_log(self, args, state, control, **kwargs):
         if self.live is not None:
-            self.live.step = state.global_step
+            self.live.step = self.examples_seen(state.global_step)
         return super().on_log(args, state, control, **kwargs)

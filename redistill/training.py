@@ -12,7 +12,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
 from redistill.attention import packed_attention_available, use_packed_attention
-from redistill.callbacks import GlobalStepDVCLive, LossInProgressBar, StepClock
+from redistill.callbacks import ExamplesSeenDVCLive, LossInProgressBar, StepClock
 from redistill.checkpoints import fingerprint, last_checkpoint
 from redistill.errors import PipelineError
 from redistill.io import atomic_dir
@@ -156,7 +156,8 @@ def train(
         from dvclive import Live
 
         live = Live(dir=str(log_dir), resume=resume is not None, dvcyaml=None, save_dvc_exp=False, report=None)
-        callbacks.append(GlobalStepDVCLive(live=live))
+        per_step = params.batch_size * params.grad_accum * config.world_size
+        callbacks.append(ExamplesSeenDVCLive(len(train_examples), per_step, live=live))
     try:
         trainer = StudentTrainer(
             model=model,

@@ -292,3 +292,10 @@ def test_bad_training_input_is_one_line_and_writes_nothing(project, tmp_path, ti
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1]
     assert not Path("models/adapter").exists() and not Path("metrics/train.json").exists()
+
+
+def test_the_loss_curves_x_axis_counts_the_examples_seen_with_a_short_last_step_per_epoch():
+    from redistill.callbacks import ExamplesSeenDVCLive
+
+    callback = ExamplesSeenDVCLive(examples_per_epoch=13, examples_per_step=4, live=None)
+    assert [callback.examples_seen(step) for step in range(9)] == [0, 4, 8, 12, 13, 17, 21, 25, 26]
