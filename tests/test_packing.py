@@ -33,22 +33,29 @@ def load(folder, attention: str):
     return AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attention, dtype=torch.float32).eval()
 
 
+def packed_and_alone_logits(packed_model, alone_model, tokenizer, batch, device: str = "cpu"):
+    """(logits in one padding-free row, logits run alone) of each example of ``batch``."""
+    packed = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(batch)
+    assert packed["input_ids"].shape == (1, sum(len(example["input_ids"]) for example in batch))
+    assert "attention_mask" not in packed  # no padding anywhere
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in packed.items() if k != "labels"}
+    with torch.no_grad():
+        # As in training: with a KV cache, transformers drops the per-example mask and examples see each other.
+        together = packed_model(**inputs, use_cache=False).logits[0].float()
+        start = 0
+        for example in batch:
+            end = start + len(example["input_ids"])
+            alone = alone_model(input_ids=torch.tensor([example["input_ids"]], device=device)).logits[0].float()
+            yield together[start:end], alone
+            start = end
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packing_changes_no_examples_logits(tiny_student, attention):
     tokenizer, batch = examples()
     model = load(tiny_student, attention)
-    packed = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(batch)
-    assert packed["input_ids"].shape == (1, sum(len(example["input_ids"]) for example in batch))
-    assert "attention_mask" not in packed  # no padding anywhere
-    with torch.no_grad():
-        # As in training: with a KV cache, transformers drops the per-example mask and examples see each other.
-        together = model(**{k: v for k, v in packed.items() if k != "labels"}, use_cache=False).logits[0]
-        start = 0
-        for example in batch:
-            alone = model(input_ids=torch.tensor([example["input_ids"]])).logits[0]
-            piece = together[start : start + len(example["input_ids"])]
-            torch.testing.assert_close(piece, alone, rtol=1e-5, atol=1e-5)  # nothing leaks from the example before
-            start += len(example["input_ids"])
+    for packed, alone in packed_and_alone_logits(model, model, tokenizer, batch):
+        torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)  # nothing leaks from the example before
 
 
 def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **options):
@@ -85,15 +92,8 @@ def test_packed_attention_gives_each_example_its_logits_alone(tiny_student, monk
     packed_model = load(tiny_student, "sdpa")
     assert packed_model.config.num_key_value_heads < packed_model.config.num_attention_heads  # GQA is exercised
     attention.use_packed_attention(packed_model)
-    packed = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(batch)
-    with torch.no_grad():
-        together = packed_model(**{k: v for k, v in packed.items() if k != "labels"}, use_cache=False).logits[0]
-        start = 0
-        for example in batch:
-            alone = alone_model(input_ids=torch.tensor([example["input_ids"]])).logits[0]
-            piece = together[start : start + len(example["input_ids"])]
-            torch.testing.assert_close(piece, alone, rtol=1e-5, atol=1e-5)
-            start += len(example["input_ids"])
+    for packed, alone in packed_and_alone_logits(packed_model, alone_model, tokenizer, batch):
+        torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_attention_refuses_a_padded_batch(tiny_student):
@@ -107,24 +107,15 @@ def test_packed_attention_refuses_a_padded_batch(tiny_student):
 
 @pytest.mark.skipif(not attention.packed_attention_available(torch.bfloat16), reason="needs a CUDA GPU")
 def test_the_varlen_kernel_matches_sdpa_per_example_on_the_gpu(tiny_student):
-    tokenizer, batch = examples()
     from transformers import AutoModelForCausalLM
 
-    def gpu_model():
-        return AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.bfloat16).cuda().eval()
-
-    alone_model, packed_model = gpu_model(), gpu_model()
+    tokenizer, batch = examples()
+    alone_model, packed_model = (
+        AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.bfloat16).cuda().eval() for _ in range(2)
+    )
     attention.use_packed_attention(packed_model)
-    packed = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(batch)
-    with torch.no_grad():
-        inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed.items() if k != "labels"}
-        together = packed_model(**inputs, use_cache=False).logits[0].float()
-        start = 0
-        for example in batch:
-            alone = alone_model(input_ids=torch.tensor([example["input_ids"]]).cuda()).logits[0].float()
-            piece = together[start : start + len(example["input_ids"])]
-            torch.testing.assert_close(piece, alone, rtol=2e-2, atol=2e-2)  # bf16, two kernels
-            start += len(example["input_ids"])
+    for packed, alone in packed_and_alone_logits(packed_model, alone_model, tokenizer, batch, device="cuda"):
+        torch.testing.assert_close(packed, alone, rtol=2e-2, atol=2e-2)  # bf16, two kernels
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
