@@ -10,7 +10,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 # What each preset costs and buys is measured in docs/training.md. post and low_memory put the post's 8 examples in
 # each optimiser step (batch_size * grad_accum) at its learning rate; fast puts 16 at sqrt(2) times that rate (Adam's
-# square-root rule), which learns as much per example (BENCHMARKS.md) in half the steps.
+# square-root rule): half the steps, slower per example at first, level from ~1,000 examples on (BENCHMARKS.md).
 PRESETS = {
     # The post's recipe: 4-bit QLoRA, recomputed activations, 4 x 2 padded batches, 8-bit AdamW. Fits a 16 GB card.
     "post": {

@@ -188,7 +188,7 @@ def train(
     try:
         # Under bf16 autocast the adapter's products run in bf16 whatever their input's dtype, so peft's cast of each
         # projection's input to the fp32 adapter weights (and autocast's cast back) copies activations twice per
-        # projection, forward and backward, and changes no number (tested): 15% of the fast preset's GPU time.
+        # projection, forward and backward, and changes no number (tested): 5-15% faster steps (BENCHMARKS.md).
         with disable_input_dtype_casting(trainer.model, active=bf16):
             result = trainer.train(resume_from_checkpoint=resume)
     except torch.OutOfMemoryError:
