@@ -8,9 +8,9 @@ from redistill.params import require
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_min_lr")
 PRECISIONS = ("auto", "bf16", "fp32")
 
-# What each preset costs and buys is measured in docs/training.md. post and low_memory put the post's 8 examples in
-# each optimiser step (batch_size * grad_accum) at its learning rate; fast puts 16 at sqrt(2) times that rate (Adam's
-# square-root rule): half the steps, slower per example at first, level from ~1,000 examples on (BENCHMARKS.md).
+# What each preset costs and buys is measured in docs/training.md. Every preset puts the post's 8 examples in each
+# optimiser step (batch_size * grad_accum), so the learning rate and schedule mean the same under all three: 16 a step
+# ran 1.5-1.9x faster on the 8B but scored lower on held-out sentences (BENCHMARKS.md).
 PRESETS = {
     # The post's recipe: 4-bit QLoRA, recomputed activations, 4 x 2 padded batches, 8-bit AdamW. Fits a 16 GB card.
     "post": {
@@ -18,19 +18,17 @@ PRESETS = {
         "gradient_checkpointing": True,
         "batch_size": 4,
         "grad_accum": 2,
-        "learning_rate": 2.0e-4,
         "optim": "adamw_8bit",
         "packing": False,
         "save_steps": 50,
     },
-    # bf16 LoRA, nothing recomputed, the 16 examples of a step packed into one row (no padding), fused AdamW, and a
-    # checkpoint only every 500 steps: one (adapter + optimiser, 8 GB for the 8B) costs seconds. Needs ~56 GB.
+    # bf16 LoRA, nothing recomputed, the 8 examples of a step packed into one row (no padding), fused AdamW, and a
+    # checkpoint only every 500 steps: one (adapter + optimiser, 8 GB for the 8B) costs seconds. Needs ~40 GB.
     "fast": {
         "quantization": "none",
         "gradient_checkpointing": False,
-        "batch_size": 16,
+        "batch_size": 8,
         "grad_accum": 1,
-        "learning_rate": 2.83e-4,
         "optim": "adamw_torch_fused",
         "packing": True,
         "save_steps": 500,
@@ -41,7 +39,6 @@ PRESETS = {
         "gradient_checkpointing": True,
         "batch_size": 8,
         "grad_accum": 1,
-        "learning_rate": 2.0e-4,
         "optim": "adamw_8bit",
         "packing": True,
         "save_steps": 50,
@@ -71,7 +68,7 @@ class TrainParams:
     epochs: float
     batch_size: int | None
     grad_accum: int | None
-    learning_rate: float | None
+    learning_rate: float
     lr_scheduler: str
     warmup_ratio: float
     max_grad_norm: float

@@ -134,15 +134,11 @@ def test_the_labelled_positions_loss_equals_the_full_logits_loss(tiny_student, p
 
 
 def test_a_preset_fills_the_keys_left_null_and_a_set_key_wins():
-    fast = tiny_train_params(
-        preset="fast", packing=None, batch_size=None, grad_accum=None, learning_rate=None, optim="adamw_torch"
-    )
-    assert (fast.packing, fast.batch_size, fast.grad_accum, fast.learning_rate) == (True, 16, 1, 2.83e-4)
+    fast = tiny_train_params(preset="fast", packing=None, batch_size=None, grad_accum=None, optim="adamw_torch")
+    assert (fast.packing, fast.batch_size, fast.grad_accum) == (True, 8, 1)
     assert fast.optim == "adamw_torch"
-    for values in PRESETS.values():  # Adam's square-root rule: the learning rate follows the examples per step
-        examples = values["batch_size"] * values["grad_accum"]
-        assert values["learning_rate"] == pytest.approx(2.0e-4 * (examples / 8) ** 0.5, rel=1e-3)
-        assert values.keys() == PRESETS["post"].keys()
+    for values in PRESETS.values():  # the same examples per optimiser step: the same learning rate means the same
+        assert values["batch_size"] * values["grad_accum"] == 8 and values.keys() == PRESETS["post"].keys()
     with pytest.raises(ParamError, match=r"^params.yaml: train.preset must be one of post, fast, low_memory, got 'x'$"):
         tiny_train_params(preset="x")
 
