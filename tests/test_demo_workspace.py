@@ -153,6 +153,9 @@ def test_no_interruption_of_make_demo_changes_any_params(tmp_path, tiny_student,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group, which a closed terminal or Ctrl-C signals as a whole
+        # A terminal's defaults, whatever this test inherited: nohup ignores SIGHUP, and a shell's background job
+        # ignores SIGINT, and make would then run to the end.
+        preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)],
     )
     for line in make.stdout:
         if "Running stage 'train'" in line:
