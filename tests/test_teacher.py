@@ -216,3 +216,13 @@ def test_a_complete_last_line_without_its_newline_keeps_its_answer(tmp_path):
     with TeacherJournal(path) as journal:
         assert [journal.get(key)["answer"] for key in "abc"] == ["A|r|B", "B|r|C", "C|r|D"]
     assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 3
+
+
+def test_an_answer_holding_a_unicode_line_separator_survives_a_reload(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    answer = "A|said|B\u2028C\x85D"  # written as is (ensure_ascii=False); str.splitlines() breaks at both
+    with TeacherJournal(path) as journal:
+        journal.write({"key": "a", "answer": answer})
+        journal.write({"key": "b", "answer": "B|r|C"})
+    with TeacherJournal(path) as journal:
+        assert journal.get("a")["answer"] == answer and journal.get("b")["answer"] == "B|r|C"

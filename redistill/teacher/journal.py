@@ -31,7 +31,9 @@ class TeacherJournal:
             self._load()
 
     def _load(self) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        # split on "\n" only: answers may hold U+2028 and other characters str.splitlines() breaks at
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
         for number, line in enumerate(lines, start=1):
             try:
                 entry = json.loads(line)
