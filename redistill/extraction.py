@@ -254,7 +254,7 @@ class Output:
     def _written_keys(self) -> set[tuple[str, str]]:
         text = self.path.read_text(encoding="utf-8")
         if self.form == "jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = [row for _, row in jsonl_values(text, str(self.path))]
         else:
             rows = list(csv.DictReader(io.StringIO(text), delimiter="," if self.form == "csv" else "\t"))
         return {(row["id"], row["source"]) for row in rows}

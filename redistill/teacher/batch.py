@@ -10,6 +10,7 @@ import json
 
 from tqdm import tqdm
 
+from redistill.io import jsonl_values
 from redistill.teacher.base import Completion
 from redistill.teacher.engine import AskStats, Request
 from redistill.teacher.journal import TeacherJournal
@@ -107,4 +108,4 @@ async def _lines(client, file_id: str | None) -> list[dict]:
     text = content.text() if callable(content.text) else content.text
     if inspect.isawaitable(text):
         text = await text
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [line for _, line in jsonl_values(text, f"batch output file {file_id}")]
