@@ -59,7 +59,7 @@ def summary(workspace: Path = WORKSPACE) -> str:
         f"Three things to try (cd {workspace}; source ../.venv/bin/activate):",
         "  dvc exp run -S train.epochs=3   # train longer: re-runs train and evaluate only",
         "  dvc metrics diff demo           # then compare with this run, recorded as experiment `demo`",
-        "  dvc plots show                  # loss per step, F1 per model: dvc_plots/index.html, works offline",
+        "  dvc plots show                  # loss per example seen, F1 per model: dvc_plots/index.html, offline",
     ]
     return "\n".join(lines)
 

@@ -97,6 +97,14 @@ def evaluate(params: EvalParams, test: list[dict], load_student, system_prompt: 
     return scored(test, outputs)
 
 
+def score_lines(metrics: dict) -> list[str]:
+    """One line of exact and lenient F1 per model, as the evaluate stages print them."""
+    return [
+        f"{name}: exact F1 {values['exact']['f1']:.3f}, lenient F1 {values['lenient']['f1']:.3f}"
+        for name, values in metrics.items()
+    ]
+
+
 def plot_rows(metrics: dict) -> tuple[list[dict], list[dict]]:
     """Rows for `dvc plots` to draw as bars: F1 per model and scoring; well-formed and EOS shares per model."""
     f1 = [

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the generator imports torch, which `redistill score` does w
 
 INPUT_FORMATS = ("auto", "text", "lines", "jsonl")
 OUTPUT_FORMATS = ("jsonl", "csv", "tsv")
+DELIMITERS = {"csv": ",", "tsv": "\t"}
 COLUMNS = ("id", "sentence", "source", "triples", "ended")
 # Sentences per written chunk: long enough to sort into well-filled batches, short enough to lose little on a kill.
 CHUNK_BATCHES = 8
@@ -202,7 +203,7 @@ def format_records(records: list[dict], form: str) -> str:
     if form == "jsonl":
         return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     buffer = io.StringIO()
-    writer = csv.writer(buffer, delimiter="," if form == "csv" else "\t", lineterminator="\n")
+    writer = csv.writer(buffer, delimiter=DELIMITERS[form], lineterminator="\n")
     for record in records:
         writer.writerow([*(record[column] for column in COLUMNS[:3]), json.dumps(record["triples"]), record["ended"]])
     return buffer.getvalue()
@@ -256,7 +257,7 @@ class Output:
         if self.form == "jsonl":
             rows = [row for _, row in jsonl_values(text, str(self.path))]
         else:
-            rows = list(csv.DictReader(io.StringIO(text), delimiter="," if self.form == "csv" else "\t"))
+            rows = list(csv.DictReader(io.StringIO(text), delimiter=DELIMITERS[self.form]))
         return {(row["id"], row["source"]) for row in rows}
 
     def write(self, records: list[dict]) -> None:
@@ -277,7 +278,7 @@ class Output:
 
 
 def format_header(form: str) -> str:
-    return "" if form == "jsonl" else ("," if form == "csv" else "\t").join(COLUMNS) + "\n"
+    return "" if form == "jsonl" else DELIMITERS[form].join(COLUMNS) + "\n"
 
 
 # The command

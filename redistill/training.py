@@ -147,6 +147,7 @@ def train(
         # which trl refuses. Several GPUs are what train.num_processes is for.
         config._n_gpu = 1
     main = config.process_index == 0  # the one process that writes outputs; the others only train
+    global_batch_size = params.batch_size * params.grad_accum * config.world_size  # examples per optimiser step
     expected = fingerprint(asdict(params), asdict(student), system_prompt, train_examples)
     with config.main_process_first(local=False):  # the main process tidies the checkpoints before anyone reads
         resume = last_checkpoint(checkpoints, expected, tidy=main)
@@ -156,8 +157,7 @@ def train(
         from dvclive import Live
 
         live = Live(dir=str(log_dir), resume=resume is not None, dvcyaml=None, save_dvc_exp=False, report=None)
-        per_step = params.batch_size * params.grad_accum * config.world_size
-        callbacks.append(ExamplesSeenDVCLive(len(train_examples), per_step, live=live))
+        callbacks.append(ExamplesSeenDVCLive(len(train_examples), global_batch_size, live=live))
     try:
         trainer = StudentTrainer(
             model=model,
@@ -233,7 +233,7 @@ def train(
         "resumed_from": resume,
         "trainable_parameters": trainable,
         "num_processes": config.world_size,
-        "global_batch_size": params.batch_size * params.grad_accum * config.world_size,
+        "global_batch_size": global_batch_size,
         "preset": params.preset,
         "batch_size": params.batch_size,
         "grad_accum": params.grad_accum,

@@ -9,7 +9,7 @@ import torch
 
 from redistill import paths
 from redistill.errors import run_stage
-from redistill.evaluation import EvalParams, evaluate, graphed_model, plot_rows
+from redistill.evaluation import EvalParams, evaluate, graphed_model, plot_rows, score_lines
 from redistill.graph import gold_and_predicted_graph, write_html
 from redistill.io import read_jsonl, write_json, write_jsonl
 from redistill.params import load_block, read_params_file
@@ -31,8 +31,8 @@ def main() -> None:
 
     test = read_jsonl(paths.SPLITS["test"])
     metrics, rows = evaluate(eval_params, test, load_student, student.prompt(teacher_prompt(params)))
-    for name, values in metrics.items():
-        print(f"{name}: exact F1 {values['exact']['f1']:.3f}, lenient F1 {values['lenient']['f1']:.3f}")
+    for line in score_lines(metrics):
+        print(line)
     write_jsonl(paths.PREDICTIONS, rows)
     write_json(paths.METRICS / "eval.json", metrics)
     f1_rows, answer_rows = plot_rows(metrics)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from redistill import paths
 from redistill.errors import run_stage
-from redistill.evaluation import TeacherComparisonParams, scored, teacher_outputs
+from redistill.evaluation import TeacherComparisonParams, score_lines, scored, teacher_outputs
 from redistill.io import read_jsonl, write_json, write_jsonl
 from redistill.params import load_block, read_params_file
 from redistill.synthesis import ask_teacher
@@ -28,8 +28,8 @@ def main() -> None:
         for model, model_params in teachers.items()
     }
     metrics, rows = scored(test, outputs)
-    for name, values in metrics.items():
-        print(f"{name}: exact F1 {values['exact']['f1']:.3f}, lenient F1 {values['lenient']['f1']:.3f}")
+    for line in score_lines(metrics):
+        print(line)
     write_jsonl(paths.TEACHER_PREDICTIONS, rows)
     write_json(paths.METRICS / "eval_teacher.json", metrics)
 

@@ -17,11 +17,9 @@ from redistill.teacher.journal import TeacherJournal
 def main() -> None:
     params = load_block(TeacherParams, "teacher", read_params_file())
     sentences = read_jsonl(paths.SENTENCES)
-    teacher_factory = partial(make_teacher, params)
-    if params.provider == "replay":
-        # dvc.lock records the cassette: read it (and refuse a broken one) even when the journal answers everything.
-        teacher = make_teacher(params)
-        teacher_factory = partial(lambda: teacher)
+    # dvc.lock records the replay cassette: read it (and refuse a broken one) even when the journal answers everything.
+    replay = make_teacher(params) if params.provider == "replay" else None
+    teacher_factory = (lambda: replay) if replay is not None else partial(make_teacher, params)
     with TeacherJournal(paths.TEACHER_JOURNAL) as journal:
         labeled, stats = label_sentences(sentences, params, teacher_factory, journal)
     print(summary_line(stats))
