@@ -155,7 +155,7 @@ def test_pacing_follows_what_the_provider_counts(keys, counts_max_tokens):
         teacher = make_teacher(params)
         messages = [[{"role": "user", "content": f"{i} " + "word " * 20}] for i in range(count)]
         requests = [Request(f"k{i}", m, estimate_tokens(m, params.max_tokens)) for i, m in enumerate(messages)]
-        limiter = RateLimiter(Limits(None, tpm, None), requests_header_is_daily=False, window=window + 0.02)
+        limiter = RateLimiter(Limits(None, tpm, None), requests_header_is_daily=False, window=window + 0.1)
         policy = RetryPolicy(max_retries=8, backoff_base=0.01, backoff_max=0.05, concurrency=6)
         stats = asyncio.run(ask_all(requests, teacher, lambda r, c: None, policy, limiter))
     assert stats.answered == count
