@@ -213,8 +213,9 @@ def table(results: dict) -> str:
     window = f"loss, examples {max(0, last - 80) + 1}-{last}"
     lines = [
         f"{results['device']}, torch {results['torch']}, {results['sentences']} sentences",
-        f"| run | tokens/s after warm-up | whole run | median step s | process s | peak GiB | {window} |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| run | tokens/s after warm-up | whole run | median step s | process s | setup s | saving s | peak GiB "
+        f"| {window} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, metrics in runs.items():
         loss = "-"
@@ -226,7 +227,8 @@ def table(results: dict) -> str:
         step = statistics.median(metrics["step_seconds"]) if metrics.get("step_seconds") else 0
         lines.append(
             f"| {name} | {after or 0:,.0f} | {metrics.get('tokens_per_second') or 0:,.0f} | {step:.3f} | "
-            f"{metrics['process_seconds']:.0f} | {metrics.get('peak_gpu_memory_gb', 0):.1f} | {loss} |"
+            f"{metrics['process_seconds']:.0f} | {metrics.get('setup_seconds', 0):.1f} | "
+            f"{metrics.get('saving_seconds', 0):.1f} | {metrics.get('peak_gpu_memory_gb', 0):.1f} | {loss} |"
         )
     return "\n".join(lines)
 

@@ -72,6 +72,7 @@ def train(
     from peft.helpers import disable_input_dtype_casting
     from trl import SFTConfig
 
+    entered = time.monotonic()
     cuda = check_hardware(params)
     fsdp = uses_fsdp()
     if not train_records:
@@ -196,7 +197,8 @@ def train(
             f"train: out of GPU memory with train.preset {params.preset}; try train.preset: low_memory, or a smaller "
             "train.batch_size with a larger train.grad_accum"
         ) from None
-    seconds = time.monotonic() - started
+    trained_at = time.monotonic()
+    seconds = trained_at - started
 
     # Under FSDP this gathers the shards into whole tensors on the main process; every process takes part.
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
@@ -212,6 +214,7 @@ def train(
     trainer.accelerator.wait_for_everyone()
     if main:
         shutil.rmtree(checkpoints)
+    saving_seconds = time.monotonic() - trained_at
 
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
@@ -230,6 +233,9 @@ def train(
         "tokens_per_second_after_warmup": clock.rate_after_warmup(),
         "steps_per_second": trainer.state.global_step / seconds if seconds else None,
         "runtime_seconds": seconds,
+        # Loading the student, tokenising, building the trainer; then saving the adapter: a short run's fixed costs.
+        "setup_seconds": started - entered,
+        "saving_seconds": saving_seconds,
         "resumed_from": resume,
         "trainable_parameters": trainable,
         "num_processes": config.world_size,

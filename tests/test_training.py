@@ -122,6 +122,8 @@ def test_training_lowers_the_loss_and_the_saved_adapter_reloads_identically(tiny
     assert metrics["steps"] == 12 and len(losses) == 12 and losses[-1] < losses[0]
     assert metrics["tokens_seen"] > 0 and metrics["eval_loss"] is not None and metrics["device"] == "cpu"
     assert not (tmp_path / "checkpoints").exists()
+    # Where the run's time went: loading and building, training, saving the adapter.
+    assert metrics["setup_seconds"] > 0 and metrics["runtime_seconds"] > 0 and metrics["saving_seconds"] > 0
     saved = {path.name for path in (tmp_path / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"} <= saved
     assert "model.safetensors" not in saved  # no base weights
