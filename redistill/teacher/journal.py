@@ -31,21 +31,22 @@ class TeacherJournal:
             self._load()
 
     def _load(self) -> None:
+        text = self.path.read_text(encoding="utf-8")
         # split on "\n" only: answers may hold U+2028 and other characters str.splitlines() breaks at
-        lines = self.path.read_text(encoding="utf-8").split("\n")
-        lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+        lines = text.removesuffix("\n").split("\n") if text else []
         for number, line in enumerate(lines, start=1):
+            unended = number == len(lines) and not text.endswith("\n")  # the last line, missing its newline
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
-                if number == len(lines) and not line.endswith("\n"):
+                if unended:
                     self._drop_torn_tail(len(line.encode("utf-8")))
                     break
                 raise PipelineError(
                     f"{self.path}:{number}: not valid JSON; the journal is damaged: fix or delete that line"
                 ) from None
             self._apply(entry)
-            if number == len(lines) and not line.endswith("\n"):
+            if unended:
                 self._end_last_line()
 
     def _apply(self, entry: dict) -> None:
