@@ -54,9 +54,12 @@ LLAMA3_8B = {
 
 
 def build_random_llama3_8b(folder: Path, tokenizer_dir: str) -> float:
-    """Save a randomly initialised Llama-3-8B and a tokenizer without chat template (as the base model's)."""
+    """Save a randomly initialised Llama-3-8B and a tokenizer without chat template (as the base model's); returns
+    the seconds it took, 0 where ``folder`` holds one already (one build serves every run of a work folder)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    if (folder / "config.json").is_file():
+        return 0.0
     started = time.monotonic()
     config = LlamaConfig(**LLAMA3_8B)
     torch.manual_seed(0)

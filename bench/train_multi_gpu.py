@@ -50,9 +50,8 @@ def main() -> None:
         "torch": torch.__version__,
         "max_steps": args.max_steps,
         "recipe": recipe,
+        "build_seconds": build_random_llama3_8b(model, args.tokenizer),
     }
-    if not (model / "config.json").is_file():  # built once per work folder
-        results["build_seconds"] = build_random_llama3_8b(model, args.tokenizer)
     rows = labelled_rows(args.data)
 
     def run(name: str, steps: int, overrides: dict) -> dict:
