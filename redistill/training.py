@@ -3,7 +3,7 @@
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +20,14 @@ from redistill.launch import is_launched, local_rank, uses_fsdp
 from redistill.prompts import training_example
 from redistill.student import StudentParams, load_model, load_tokenizer
 from redistill.train_params import TrainParams
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """train()'s speed-ups that change no number, each switchable so that a benchmark can measure what it buys."""
+
+    packed_attention: bool = True  # packed rows through the varlen kernel on a GPU (off: SDPA with a block mask)
+    skip_input_casts: bool = True  # under bf16, no cast of each projection's input to the fp32 adapter and back
 
 
 def check_hardware(params: TrainParams) -> bool:
@@ -62,10 +70,11 @@ def train(
     checkpoints: Path,
     log_dir: Path | None,
     callbacks: tuple = (),
+    speedups: Speedups = Speedups(),
 ) -> tuple[dict, object]:
     """Fine-tune, save the adapter (with tokenizer and chat template) to ``adapter_dir``; return the metrics and
     the trained (PEFT) model. DVCLive writes the loss curve to ``log_dir`` (None: no curve); ``callbacks`` are
-    further trainer callbacks (a profiler, say)."""
+    further trainer callbacks (a profiler, say); ``speedups`` are for benchmarks to turn off."""
     from accelerate.utils import extract_model_from_parallel
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model_state_dict
@@ -91,7 +100,7 @@ def train(
     if cuda:  # bitsandbytes quantizes onto the current GPU, and FSDP requires it to be this process's own
         torch.cuda.set_device(local_rank())
     model = load_model(student, dtype, device, params.quantization)
-    if params.packing and packed_attention_available(dtype):
+    if params.packing and speedups.packed_attention and packed_attention_available(dtype):
         use_packed_attention(model)
     if params.quantization == "nf4" and params.gradient_checkpointing:
         # Recomputed layers need an input that asks for gradients. Unlike peft's prepare_model_for_kbit_training,
@@ -190,7 +199,7 @@ def train(
         # Under bf16 autocast the adapter's products run in bf16 whatever their input's dtype, so peft's cast of each
         # projection's input to the fp32 adapter weights (and autocast's cast back) copies activations twice per
         # projection, forward and backward, and changes no number (tested): 5-15% faster steps (BENCHMARKS.md).
-        with disable_input_dtype_casting(trainer.model, active=bf16):
+        with disable_input_dtype_casting(trainer.model, active=bf16 and speedups.skip_input_casts):
             result = trainer.train(resume_from_checkpoint=resume)
     except torch.OutOfMemoryError:
         raise PipelineError(
