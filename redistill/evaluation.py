@@ -6,12 +6,16 @@ Llama-3-8B). Two stages, so that a change to the teacher's code or params never 
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from redistill.generation import Generation, generate
 from redistill.params import require
 from redistill.prompts import answer_text
 from redistill.scoring import score
 from redistill.triples import parse_answer
+
+if TYPE_CHECKING:
+    from redistill.models import LoadedModel
 
 STUDENTS = ("base", "finetuned")
 
@@ -59,9 +63,17 @@ def model_metrics(golds: list[str], outputs: list[Generation], seconds: float) -
     }
 
 
-def student_outputs(model, tokenizer, texts: list[str], system_prompt: str, params: EvalParams, name: str):
+def student_outputs(student: "LoadedModel", texts: list[str], params: EvalParams, name: str):
     started = time.monotonic()
-    outputs = generate(model, tokenizer, texts, system_prompt, params.max_new_tokens, params.batch_size, desc=name)
+    outputs = generate(
+        student.model,
+        student.tokenizer,
+        texts,
+        student.system_prompt,
+        params.max_new_tokens,
+        params.batch_size,
+        desc=name,
+    )
     return outputs, time.monotonic() - started
 
 
@@ -82,18 +94,18 @@ def scored(test: list[dict], outputs: dict[str, tuple[list[Generation], float]])
     return metrics, rows
 
 
-def evaluate(params: EvalParams, test: list[dict], load_student, system_prompt: str) -> tuple[dict, list[dict]]:
+def evaluate(params: EvalParams, test: list[dict], load_student) -> tuple[dict, list[dict]]:
     """Metrics per student and one prediction row per test sentence.
 
-    ``load_student(name)`` gives (model, tokenizer) for "base" or "finetuned". Each model is loaded only while it
-    answers, so two never sit in memory together.
+    ``load_student(name)`` gives the LoadedModel "base" or "finetuned", with the instruction it answers under. Each
+    model is loaded only while it answers, so two never sit in memory together.
     """
     texts = [record["text"] for record in test]
     outputs = {}
     for name in params.models:
-        model, tokenizer = load_student(name)
-        outputs[name] = student_outputs(model, tokenizer, texts, system_prompt, params, name)
-        del model
+        student = load_student(name)
+        outputs[name] = student_outputs(student, texts, params, name)
+        del student
     return scored(test, outputs)
 
 

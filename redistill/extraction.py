@@ -13,19 +13,16 @@ import json
 import os
 import sys
 from bisect import bisect_right
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
 from tqdm import tqdm
 
 from redistill import paths
 from redistill.errors import PipelineError
 from redistill.io import jsonl_values, write_json
-from redistill.prompts import DEFAULT_SYSTEM_PROMPT
 from redistill.sentences import sentence_id, split_sentences
-from redistill.student import StudentParams, load_model, load_tokenizer
 from redistill.triples import clean_label
 
 if TYPE_CHECKING:  # the generator imports torch, which `redistill score` does without
@@ -37,7 +34,6 @@ DELIMITERS = {"csv": ",", "tsv": "\t"}
 COLUMNS = ("id", "sentence", "source", "triples", "ended")
 # Sentences per written chunk: long enough to sort into well-filled batches, short enough to lose little on a kill.
 CHUNK_BATCHES = 8
-MODEL_INFO = "redistill.json"  # what `redistill merge` writes beside a merged model: its system prompt
 
 
 @dataclass(frozen=True)
@@ -109,87 +105,6 @@ def read_inputs(inputs: list[str], form: str, field: str) -> list[Sentence]:
     if not sentences:
         raise PipelineError(f"no sentences in {', '.join(inputs or ['<stdin>'])}: the input is empty")
     return sentences
-
-
-# The model
-
-
-@dataclass(frozen=True)
-class Extractor:
-    model: object
-    tokenizer: object
-    system_prompt: str
-    context: int  # tokens the model attends to: prompt plus answer must fit
-
-
-def is_adapter(folder: Path) -> bool:
-    return (folder / "adapter_config.json").is_file()
-
-
-def trained_system_prompt(model: str) -> str:
-    """The instruction the model was trained with: a merged model's own record, else the run that trained the
-    project's adapter (dvc.lock, else params.yaml), else the default."""
-    info = Path(model) / MODEL_INFO
-    if info.is_file():
-        return json.loads(info.read_text())["system_prompt"]
-    for source, read in ((Path("dvc.lock"), _locked_train_params), (paths.PARAMS, yaml.safe_load)):
-        if source.is_file():
-            params = read(source.read_text()) or {}
-            teacher = params.get("teacher.system_prompt", (params.get("teacher") or {}).get("system_prompt"))
-            return (params.get("student") or {}).get("system_prompt") or teacher or DEFAULT_SYSTEM_PROMPT
-    return DEFAULT_SYSTEM_PROMPT
-
-
-def _locked_train_params(text: str) -> dict:
-    return ((yaml.safe_load(text) or {}).get("stages", {}).get("train", {}).get("params") or {}).get("params.yaml", {})
-
-
-def load_extractor(
-    model: str, base: str | None, quantization: str, device: str, merge: bool = True, dtype: object = None
-) -> Extractor:
-    """A model that answers: an adapter on its base (merged in memory unless 4-bit), a merged folder, or a hub id.
-    ``dtype`` defaults to bfloat16 on a GPU and float32 on the CPU; "auto" keeps the stored one."""
-    import torch
-
-    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    folder = Path(model)
-    if folder == paths.ADAPTER and not folder.exists():
-        raise PipelineError(f"no adapter at {model}: run `make demo` or `dvc repro` first, or pass --model")
-    student = StudentParams(model, system_prompt=None, chat_template_fallback="chatml", attn_implementation="sdpa")
-    if is_adapter(folder):
-        config = json.loads((folder / "adapter_config.json").read_text())
-        base = base or config.get("base_model_name_or_path")
-        if not base:
-            raise PipelineError(f"{model}: adapter_config.json names no base model; pass --base")
-        loaded = load_adapter(StudentParams(**{**asdict(student), "model": base}), folder, dtype, device, quantization)
-        if merge and quantization == "none":
-            loaded = loaded.merge_and_unload()
-        has_tokenizer = (folder / "tokenizer_config.json").is_file()
-        tokenizer = load_tokenizer(student, source=str(folder) if has_tokenizer else base)
-    else:
-        if base:
-            raise PipelineError(f"--base applies to adapters only, and {model} is a whole model")
-        loaded = load_model(student, dtype, device, quantization)
-        tokenizer = load_tokenizer(student)
-    loaded.eval()
-    context = getattr(loaded.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    return Extractor(loaded, tokenizer, trained_system_prompt(model), context)
-
-
-def load_adapter(base: StudentParams, adapter: Path, dtype, device: str, quantization: str):
-    """The base model with the adapter applied; an adapter trained on another base is one clear line."""
-    from peft import PeftModel
-
-    model = load_model(base, dtype, device, quantization)
-    try:
-        return PeftModel.from_pretrained(model, adapter)
-    except (RuntimeError, ValueError, KeyError) as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        reason = next((line for line in lines if "size mismatch" in line), lines[0])[:200]
-        raise PipelineError(
-            f"the adapter {adapter} does not fit the base model {base.model} ({reason}); "
-            "pass the base it was trained on with --base"
-        ) from None
 
 
 # The output
@@ -285,13 +200,12 @@ def format_header(form: str) -> str:
 
 
 def extract(args: argparse.Namespace) -> None:
-    import torch
-
     from redistill.generation import Generator
+    from redistill.models import load_trained, pick_device
 
     if (args.batch_size is not None and args.batch_size < 1) or args.max_new_tokens < 1:
         raise PipelineError("--batch-size and --max-new-tokens must be positive")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     batch_size = args.batch_size or (256 if device.startswith("cuda") else 32)
     sentences = read_inputs(args.inputs, args.input_format, args.field)
     run = {
@@ -306,7 +220,9 @@ def extract(args: argparse.Namespace) -> None:
     if not pending:
         print(f"all {len(sentences)} sentences are already in {args.output}", file=sys.stderr)
         return
-    extractor = load_extractor(args.model, args.base, args.quantization, device)
+    if Path(args.model) == paths.ADAPTER and not paths.ADAPTER.exists():
+        raise PipelineError(f"no adapter at {args.model}: run `make demo` or `dvc repro` first, or pass --model")
+    extractor = load_trained(args.model, args.base, device, quantization=args.quantization)
     generator = Generator(
         extractor.model,
         extractor.tokenizer,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from redistill import paths
 from redistill.errors import PipelineError
-from redistill.extraction import MODEL_INFO, is_adapter, load_extractor
 from redistill.io import atomic_dir
+from redistill.models import adapter_base, is_adapter, load_trained, write_trained_with
 from redistill.prompts import stop_token_ids
 
 
@@ -33,22 +33,16 @@ def merge(model: str, base: str | None, output: str, device: str = "cpu") -> Non
         raise PipelineError(f"{model} is not an adapter folder (no adapter_config.json); nothing to merge")
     if Path(output).resolve() == Path(model).resolve():
         raise PipelineError("--output must not be the adapter's own folder")
-    extractor = load_extractor(model, base, "none", device, dtype="auto")
-    tokenizer = extractor.tokenizer
-    tokenizer.chat_template = with_default_system_prompt(tokenizer.chat_template, extractor.system_prompt)
-    merged = extractor.model
+    loaded = load_trained(model, base, device, dtype="auto")
+    tokenizer, merged = loaded.tokenizer, loaded.model
+    tokenizer.chat_template = with_default_system_prompt(tokenizer.chat_template, loaded.system_prompt)
     merged.generation_config.eos_token_id = stop_token_ids(tokenizer)
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    adapter_config = json.loads((Path(model) / "adapter_config.json").read_text())
+    base = base or adapter_base(Path(model))
     with atomic_dir(output) as folder:
         merged.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        info = {
-            "system_prompt": extractor.system_prompt,
-            "base_model": base or adapter_config.get("base_model_name_or_path"),
-            "adapter": str(model),
-        }
-        (folder / MODEL_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_trained_with(folder, base, loaded.system_prompt, adapter=str(model))
     print(f"merged {model} into {output}", file=sys.stderr)
 
 

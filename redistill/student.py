@@ -1,4 +1,6 @@
-"""The student: find it (hub id, local folder, GGUF), load it with its tokenizer, and convert a GGUF once."""
+"""The student block of params.yaml, and converting a GGUF student once into a model folder (the import stage).
+
+Loading the student, trained or not, is redistill/models.py."""
 
 import importlib.util
 from dataclasses import dataclass
@@ -6,7 +8,7 @@ from pathlib import Path
 
 from redistill.errors import PipelineError
 from redistill.params import require
-from redistill.prompts import CHAT_TEMPLATE_FALLBACKS, ensure_chat_template
+from redistill.prompts import CHAT_TEMPLATE_FALLBACKS
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
@@ -35,64 +37,6 @@ class StudentParams:
             "student.attn_implementation",
             f"must be one of {', '.join(ATTENTION)}, got {self.attn_implementation!r}",
         )
-
-
-def resolve_model(model: str) -> str:
-    """A local folder as is; a hub id ("org/name") as is; anything that looks like a missing path is an error."""
-    path = Path(model)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise PipelineError(f"student.model: {model} has no config.json; is it a saved model folder?")
-        return model
-    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") != 1 or path.parts[0] in ("models", "data")
-    if looks_like_path or path.parent.is_dir():
-        raise PipelineError(f"student.model: no model folder at {model}; run the import stage or fix the path")
-    return model
-
-
-def load_tokenizer(params: StudentParams, source: str | None = None):
-    """The tokenizer of ``source`` (default: the student) with a chat template and a pad token."""
-    from transformers import AutoTokenizer
-
-    source = source or resolve_model(params.model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as error:
-        raise PipelineError(f"could not load the tokenizer of {source} ({_first_line(error)})") from None
-    ensure_chat_template(tokenizer, params.chat_template_fallback, source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # safe: labels are masked by position, never by token id
-    return tokenizer
-
-
-def load_model(params: StudentParams, dtype, device: str | None, quantization: str = "none"):
-    """The student's causal LM on ``device`` ("cpu", "cuda", "cuda:1"; None: where it loads, for FSDP to shard and
-    place); ``quantization="nf4"`` loads it 4-bit (QLoRA) through bitsandbytes."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    options = {"dtype": dtype, "attn_implementation": params.attn_implementation}
-    if quantization == "nf4":
-        # FSDP+QLoRA: FSDP shards only float tensors of one dtype, so the packed 4-bit weights are stored in dtype.
-        storage = {"bnb_4bit_quant_storage": dtype} if device is None else {}
-        options["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            **storage,
-        )
-    if device is not None and device.startswith("cuda"):  # straight onto the GPU, with no copy in host memory first
-        options["device_map"] = {"": device}
-    source = resolve_model(params.model)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **options)
-    except (OSError, ValueError) as error:
-        raise PipelineError(f"could not load student.model {source} ({_first_line(error)})") from None
-    return model if device is None or device.startswith("cuda") else model.to(device)
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def locate_gguf(spec: str) -> Path:
@@ -131,12 +75,3 @@ def import_gguf(spec: str, out: str | Path) -> dict:
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {"gguf": path.name, "parameters": model.num_parameters(), "dtype": "bfloat16"}
-
-
-def load_finetuned(params: StudentParams, adapter: str | Path, dtype, device: str):
-    """The student with the trained LoRA adapter merged in, for fast generation."""
-    from peft import PeftModel
-
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise PipelineError(f"no trained adapter in {adapter}; run the train stage first")
-    return PeftModel.from_pretrained(load_model(params, dtype, device), adapter).merge_and_unload()

@@ -1,4 +1,7 @@
-"""The train stage's logic: LoRA or QLoRA supervised fine-tuning of the student with trl's SFTTrainer."""
+"""The train stage's logic: LoRA or QLoRA supervised fine-tuning of the student with trl's SFTTrainer.
+
+`train()` reads top to bottom through its phases: the environment (device, precision), the examples, the model,
+the trainer's config, the trainer, the run, saving the adapter, and the metrics; each phase is a function here."""
 
 import json
 import shutil
@@ -17,8 +20,9 @@ from redistill.checkpoints import fingerprint, last_checkpoint
 from redistill.errors import PipelineError
 from redistill.io import atomic_dir
 from redistill.launch import is_launched, local_rank, uses_fsdp
+from redistill.models import load_base, student_tokenizer, write_trained_with
 from redistill.prompts import training_example
-from redistill.student import StudentParams, load_model, load_tokenizer
+from redistill.student import StudentParams
 from redistill.train_params import TrainParams
 
 
@@ -42,6 +46,36 @@ def check_hardware(params: TrainParams) -> bool:
     return cuda
 
 
+@dataclass(frozen=True)
+class Environment:
+    """Where and how this process trains."""
+
+    cuda: bool
+    fsdp: bool  # launched by accelerate with FSDP: the student is sharded over the processes
+    bf16: bool
+    device: str | None  # None under FSDP: accelerate shards and places the student
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+
+def environment(params: TrainParams) -> Environment:
+    cuda = check_hardware(params)
+    fsdp = uses_fsdp()
+    bf16 = params.precision == "bf16" or (params.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    # Each DDP process holds the whole student on its own GPU.
+    device = None if fsdp else f"cuda:{local_rank()}" if cuda else "cpu"
+    return Environment(cuda, fsdp, bf16, device)
+
+
+@dataclass(frozen=True)
+class Examples:
+    train: list[dict]
+    val: list[dict]
+    too_long: int  # training examples dropped for exceeding train.max_seq_length
+
+
 def build_examples(tokenizer, records: list[dict], system_prompt: str, max_seq_length: int) -> tuple[list[dict], int]:
     """Tokenised, label-masked examples; those longer than ``max_seq_length`` are dropped and counted."""
     examples, too_long = [], 0
@@ -60,60 +94,37 @@ def build_examples(tokenizer, records: list[dict], system_prompt: str, max_seq_l
     return examples, too_long
 
 
-def train(
-    params: TrainParams,
-    student: StudentParams,
-    system_prompt: str,
-    train_records: list[dict],
-    val_records: list[dict],
-    adapter_dir: Path,
-    checkpoints: Path,
-    log_dir: Path | None,
-    callbacks: tuple = (),
-    speedups: Speedups = Speedups(),
-) -> tuple[dict, object]:
-    """Fine-tune, save the adapter (with tokenizer and chat template) to ``adapter_dir``; return the metrics and
-    the trained (PEFT) model. DVCLive writes the loss curve to ``log_dir`` (None: no curve); ``callbacks`` are
-    further trainer callbacks (a profiler, say); ``speedups`` are for benchmarks to turn off."""
-    from accelerate.utils import extract_model_from_parallel
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model_state_dict
-    from peft.helpers import disable_input_dtype_casting
-    from trl import SFTConfig
-
-    entered = time.monotonic()
-    cuda = check_hardware(params)
-    fsdp = uses_fsdp()
+def training_examples(
+    tokenizer, train_records: list[dict], val_records: list[dict], system_prompt: str, max_seq_length: int
+) -> Examples:
     if not train_records:
         raise PipelineError("the train split is empty; label more sentences or lower split.test_size/val_size")
-    bf16 = params.precision == "bf16" or (params.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
-    dtype = torch.bfloat16 if bf16 else torch.float32
-
-    tokenizer = load_tokenizer(student)
-    train_examples, train_too_long = build_examples(tokenizer, train_records, system_prompt, params.max_seq_length)
-    val_examples, _ = build_examples(tokenizer, val_records, system_prompt, params.max_seq_length)
+    train_examples, too_long = build_examples(tokenizer, train_records, system_prompt, max_seq_length)
+    val_examples, _ = build_examples(tokenizer, val_records, system_prompt, max_seq_length)
     if not train_examples:
-        raise PipelineError(f"every training example is longer than train.max_seq_length ({params.max_seq_length})")
+        raise PipelineError(f"every training example is longer than train.max_seq_length ({max_seq_length})")
+    return Examples(train_examples, val_examples, too_long)
 
-    # Each DDP process holds the whole student on its own GPU; under FSDP, accelerate shards and places it.
-    device = None if fsdp else f"cuda:{local_rank()}" if cuda else "cpu"
-    if cuda:  # bitsandbytes quantizes onto the current GPU, and FSDP requires it to be this process's own
+
+def load_for_training(params: TrainParams, student: StudentParams, env: Environment, speedups: Speedups):
+    """The student as training needs it: quantized if asked, its attention fit for packed rows."""
+    if env.cuda:  # bitsandbytes quantizes onto the current GPU, and FSDP requires it to be this process's own
         torch.cuda.set_device(local_rank())
-    model = load_model(student, dtype, device, params.quantization)
-    if params.packing and speedups.packed_attention and packed_attention_available(dtype):
+    model = load_base(student.model, env.dtype, env.device, params.quantization, student.attn_implementation)
+    if params.packing and speedups.packed_attention and packed_attention_available(env.dtype):
         use_packed_attention(model)
     if params.quantization == "nf4" and params.gradient_checkpointing:
         # Recomputed layers need an input that asks for gradients. Unlike peft's prepare_model_for_kbit_training,
         # the frozen embeddings and head stay in bf16: fp32 copies cost 2 GiB on an 8B student and change nothing
         # under bf16 autocast, where the head's matrix product runs in bf16 anyway.
         model.enable_input_require_grads()
-    lora = LoraConfig(
-        r=params.lora.r,
-        lora_alpha=params.lora.alpha,
-        lora_dropout=params.lora.dropout,
-        target_modules=params.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
+    return model
+
+
+def trainer_config(params: TrainParams, env: Environment, checkpoints: Path, validates: bool):
+    """The trainer's arguments from the train block (trl's SFTConfig)."""
+    from trl import SFTConfig
+
     config = SFTConfig(
         output_dir=str(checkpoints),
         num_train_epochs=params.epochs,
@@ -123,15 +134,15 @@ def train(
         gradient_accumulation_steps=params.grad_accum,
         activation_checkpointing=params.gradient_checkpointing,
         # FSDP+QLoRA needs reentrant recomputation (the published recipe); elsewhere, the library default.
-        activation_checkpointing_kwargs={"use_reentrant": True} if fsdp else None,
+        activation_checkpointing_kwargs={"use_reentrant": True} if env.fsdp else None,
         learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler,
-        warmup_steps=params.warmup_ratio,  # a float in [0, 1) is a fraction of the total steps
+        warmup_steps=params.warmup_ratio,  # transformers 5 has no warmup_ratio: a float < 1 here is a fraction
         max_grad_norm=params.max_grad_norm,
         optim=params.optim,
-        bf16=bf16,
-        tf32=True if cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
-        use_cpu=not cuda,
+        bf16=env.bf16,
+        tf32=True if env.cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
+        use_cpu=not env.cuda,
         # build_examples has already dropped the examples over max_seq_length; trl refuses to cut packed rows.
         max_length=None if params.packing else params.max_seq_length,
         # Packing: each micro-batch's examples are concatenated into one row with no padding; position ids restart
@@ -144,7 +155,7 @@ def train(
         logging_steps=params.logging_steps,
         save_steps=params.save_steps,
         save_total_limit=1,
-        eval_strategy="epoch" if val_examples else "no",
+        eval_strategy="epoch" if validates else "no",
         # Summed over all processes. A packed row has no padding to leave out (and "non_padding" would count an
         # example's closing EOS as padding where pad = eos).
         include_num_input_tokens_seen="all" if params.packing else "non_padding",
@@ -152,28 +163,43 @@ def train(
         report_to="none",
         disable_tqdm=False,
     )
-    if cuda and not is_launched() and config.n_gpu > 1:
+    if env.cuda and not is_launched() and config.n_gpu > 1:
         # One process trains on one GPU: with several visible, the trainer would wrap the model in DataParallel,
-        # which trl refuses. Several GPUs are what train.num_processes is for.
+        # which trl refuses. Several GPUs are what train.num_processes is for. (Trainer sets this field itself
+        # for a model split over GPUs; there is no public switch.)
         config._n_gpu = 1
-    main = config.process_index == 0  # the one process that writes outputs; the others only train
-    global_batch_size = params.batch_size * params.grad_accum * config.world_size  # examples per optimiser step
-    expected = fingerprint(asdict(params), asdict(student), system_prompt, train_examples)
-    with config.main_process_first(local=False):  # the main process tidies the checkpoints before anyone reads
-        resume = last_checkpoint(checkpoints, expected, tidy=main)
-    clock = StepClock()
-    callbacks = [clock, *callbacks]
-    if main and log_dir is not None:  # a resumed run appends to the loss log it started; a new one starts it afresh
-        from dvclive import Live
+    return config
 
-        live = Live(dir=str(log_dir), resume=resume is not None, dvcyaml=None, save_dvc_exp=False, report=None)
-        callbacks.append(ExamplesSeenDVCLive(len(train_examples), global_batch_size, live=live))
+
+def loss_log_callbacks(config, log_dir: Path | None, resumed: bool, examples: int) -> list:
+    """DVCLive's loss curve, on the one process that writes outputs; a resumed run appends to the log it started."""
+    if config.process_index != 0 or log_dir is None:
+        return []
+    from dvclive import Live
+
+    live = Live(dir=str(log_dir), resume=resumed, dvcyaml=None, save_dvc_exp=False, report=None)
+    examples_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
+    return [ExamplesSeenDVCLive(examples, examples_per_step, live=live)]
+
+
+def build_trainer(model, config, examples: Examples, tokenizer, params: TrainParams, callbacks: list):
+    """trl's trainer with the LoRA adapter on ``model``, the loss in the progress bar, and compiled layers if asked."""
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    lora = LoraConfig(
+        r=params.lora.r,
+        lora_alpha=params.lora.alpha,
+        lora_dropout=params.lora.dropout,
+        target_modules=params.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
     try:
         trainer = StudentTrainer(
             model=model,
             args=config,
-            train_dataset=Dataset.from_list(train_examples),
-            eval_dataset=Dataset.from_list(val_examples) if val_examples else None,
+            train_dataset=Dataset.from_list(examples.train),
+            eval_dataset=Dataset.from_list(examples.val) if examples.val else None,
             processing_class=tokenizer,
             peft_config=lora,
             callbacks=callbacks,
@@ -184,35 +210,45 @@ def train(
         raise PipelineError(f"train.lora.target_modules: {error}") from None  # modules that the model does not have
     trainer.remove_callback(ProgressCallback)  # for LossInProgressBar
     trainer.add_callback(LossInProgressBar)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before FSDP flattens them
     if params.compile:
         if not params.gradient_checkpointing:  # (with checkpointing this is done already)
             # The first layer's input then asks for gradients as the others' do, so all layers share one compiled
             # graph instead of two; the cost is the first layer's input gradient, ~1% of a step.
             trainer.model.enable_input_require_grads()
         compile_decoder_layers(trainer.model)
+    return trainer
 
-    if cuda:
+
+def run(trainer, resume: str | None, params: TrainParams, env: Environment, speedups: Speedups):
+    """The training loop; running out of GPU memory is one line saying what to change."""
+    from peft.helpers import disable_input_dtype_casting
+
+    if env.cuda:
         torch.cuda.reset_peak_memory_stats()
-    started = time.monotonic()
     try:
         # Under bf16 autocast the adapter's products run in bf16 whatever their input's dtype, so peft's cast of each
         # projection's input to the fp32 adapter weights (and autocast's cast back) copies activations twice per
         # projection, forward and backward, and changes no number (tested): 5-15% faster steps (BENCHMARKS.md).
-        with disable_input_dtype_casting(trainer.model, active=bf16 and speedups.skip_input_casts):
-            result = trainer.train(resume_from_checkpoint=resume)
+        with disable_input_dtype_casting(trainer.model, active=env.bf16 and speedups.skip_input_casts):
+            return trainer.train(resume_from_checkpoint=resume)
     except torch.OutOfMemoryError:
         raise PipelineError(
             f"train: out of GPU memory with train.preset {params.preset}; try train.preset: low_memory, or a smaller "
             "train.batch_size with a larger train.grad_accum"
         ) from None
-    trained_at = time.monotonic()
-    seconds = trained_at - started
 
-    # Under FSDP this gathers the shards into whole tensors on the main process; every process takes part.
+
+def save_adapter(trainer, tokenizer, adapter_dir: Path, checkpoints: Path, student: StudentParams, system_prompt: str):
+    """Write the adapter, its tokenizer (with the chat template) and what it was trained with to ``adapter_dir``,
+    then drop the checkpoints; every process takes part, the main one writes. Returns the trained model."""
+    from accelerate.utils import extract_model_from_parallel
+    from peft import get_peft_model_state_dict
+
+    # Under FSDP this gathers the shards into whole tensors on the main process.
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
     # Recursive: peft finds the adapter's keys by module name, and names inside nested FSDP units would not match.
     trained = extract_model_from_parallel(trainer.model, recursive=True)
+    main = trainer.args.process_index == 0
     if main:
         if not get_peft_model_state_dict(trained, state_dict=state_dict):
             raise PipelineError("train: the trained adapter came out empty; please report this with your params.yaml")
@@ -220,50 +256,100 @@ def train(
             trained.save_pretrained(staging, state_dict=state_dict)
             tokenizer.save_pretrained(staging)
             _sort_target_modules(staging / "adapter_config.json")
+            write_trained_with(staging, student.model, system_prompt)
     trainer.accelerator.wait_for_everyone()
     if main:
         shutil.rmtree(checkpoints)
-    saving_seconds = time.monotonic() - trained_at
+    return trained
 
-    history = trainer.state.log_history
-    losses = [entry["loss"] for entry in history if "loss" in entry]
-    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
-    tokens = trainer.state.num_input_tokens_seen
+
+def train(
+    params: TrainParams,
+    student: StudentParams,
+    system_prompt: str,
+    train_records: list[dict],
+    val_records: list[dict],
+    adapter_dir: Path,
+    checkpoints: Path,
+    log_dir: Path | None,
+    callbacks: tuple = (),
+    speedups: Speedups = Speedups(),
+) -> tuple[dict, object]:
+    """Fine-tune, save the adapter (with tokenizer, chat template and system prompt) to ``adapter_dir``; return the
+    metrics and the trained (PEFT) model. DVCLive writes the loss curve to ``log_dir`` (None: no curve);
+    ``callbacks`` are further trainer callbacks (a profiler, say); ``speedups`` are for benchmarks to turn off."""
+    entered = time.monotonic()
+    env = environment(params)
+    tokenizer = student_tokenizer(student)
+    examples = training_examples(tokenizer, train_records, val_records, system_prompt, params.max_seq_length)
+    model = load_for_training(params, student, env, speedups)
+    config = trainer_config(params, env, checkpoints, validates=bool(examples.val))
+    run_id = fingerprint(asdict(params), asdict(student), system_prompt, examples.train)
+    with config.main_process_first(local=False):  # the main process tidies the checkpoints before anyone reads
+        resume = last_checkpoint(checkpoints, run_id, tidy=config.process_index == 0)
+    clock = StepClock()
+    loss_log = loss_log_callbacks(config, log_dir, resume is not None, len(examples.train))
+    trainer = build_trainer(model, config, examples, tokenizer, params, [clock, *callbacks, *loss_log])
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before FSDP flattens them
+
+    started = time.monotonic()
+    result = run(trainer, resume, params, env, speedups)
+    trained_at = time.monotonic()
+    trained = save_adapter(trainer, tokenizer, adapter_dir, checkpoints, student, system_prompt)
+
+    timings = {"runtime": trained_at - started, "setup": started - entered, "saving": time.monotonic() - trained_at}
+    facts = {
+        "resumed_from": resume,
+        "trainable_parameters": trainable,
+        "tokens_per_second_after_warmup": clock.rate_after_warmup(),
+        "attention": trained.config._attn_implementation,
+    }
+    return train_metrics(trainer, result, examples, env, params, timings, facts), trained
+
+
+# Train params that metrics/train.json repeats, so that `dvc metrics diff` shows what ran beside what it measured.
+RECORDED_PARAMS = ("preset", "batch_size", "grad_accum", "packing", "compile", "gradient_checkpointing", "optim")
+
+
+def train_metrics(
+    trainer, result, examples: Examples, env: Environment, params: TrainParams, timings: dict, facts: dict
+) -> dict:
+    """metrics/train.json: losses, throughput, the run's fixed costs (``timings``: runtime, setup, saving, in
+    seconds), and what ran."""
+    state, config, seconds = trainer.state, trainer.args, timings["runtime"]
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
     metrics = {
         "train_loss": result.training_loss,
         "final_loss": losses[-1] if losses else None,
         "eval_loss": eval_losses[-1] if eval_losses else None,
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "examples": len(train_examples),
-        "examples_too_long": train_too_long,
-        "tokens_seen": tokens,
-        "tokens_per_second": tokens / seconds if seconds else None,
-        "tokens_per_second_after_warmup": clock.rate_after_warmup(),
-        "steps_per_second": trainer.state.global_step / seconds if seconds else None,
+        "steps": state.global_step,
+        "epochs": state.epoch,
+        "examples": len(examples.train),
+        "examples_too_long": examples.too_long,
+        "tokens_seen": state.num_input_tokens_seen,
+        "tokens_per_second": state.num_input_tokens_seen / seconds if seconds else None,
+        "tokens_per_second_after_warmup": facts["tokens_per_second_after_warmup"],
+        "steps_per_second": state.global_step / seconds if seconds else None,
         "runtime_seconds": seconds,
         # Loading the student, tokenising, building the trainer; then saving the adapter: a short run's fixed costs.
-        "setup_seconds": started - entered,
-        "saving_seconds": saving_seconds,
-        "resumed_from": resume,
-        "trainable_parameters": trainable,
+        "setup_seconds": timings["setup"],
+        "saving_seconds": timings["saving"],
+        "resumed_from": facts["resumed_from"],
+        "trainable_parameters": facts["trainable_parameters"],
         "num_processes": config.world_size,
-        "global_batch_size": global_batch_size,
-        "preset": params.preset,
-        "batch_size": params.batch_size,
-        "grad_accum": params.grad_accum,
-        "packing": params.packing,
-        "attention": trained.config._attn_implementation,
-        "compile": params.compile,
-        "gradient_checkpointing": params.gradient_checkpointing,
-        "optim": params.optim,
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "precision": "bf16" if bf16 else "fp32",
+        "global_batch_size": config.per_device_train_batch_size
+        * config.gradient_accumulation_steps
+        * config.world_size,
+        **{name: getattr(params, name) for name in RECORDED_PARAMS},
+        "attention": facts["attention"],
+        "device": torch.cuda.get_device_name() if env.cuda else "cpu",
+        "precision": "bf16" if env.bf16 else "fp32",
         "quantization": params.quantization,
     }
-    if cuda:  # the main process's GPU; the others hold the same under DDP
+    if env.cuda:  # the main process's GPU; the others hold the same under DDP
         metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return metrics, trained
+    return metrics
 
 
 def compile_decoder_layers(model) -> None:

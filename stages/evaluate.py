@@ -5,32 +5,30 @@ show`), and data/test_graph.html, the test split's gold and predicted triples as
 browser).
 """
 
-import torch
-
 from redistill import paths
 from redistill.errors import run_stage
 from redistill.evaluation import EvalParams, evaluate, graphed_model, plot_rows, score_lines
 from redistill.graph import gold_and_predicted_graph, write_html
 from redistill.io import read_jsonl, write_json, write_jsonl
+from redistill.models import load_student, load_trained
 from redistill.params import load_block, read_params_file
 from redistill.prompts import teacher_prompt
-from redistill.student import StudentParams, load_finetuned, load_model, load_tokenizer
+from redistill.student import StudentParams
 
 
 def main() -> None:
     params = read_params_file()
     eval_params = load_block(EvalParams, "evaluate", params)
     student = load_block(StudentParams, "student", params)
-    cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    system_prompt = student.prompt(teacher_prompt(params))
 
-    def load_student(name: str):
+    def load(name: str):  # the fine-tuned student answers under the instruction its adapter records
         if name == "base":
-            return load_model(student, dtype, device), load_tokenizer(student)
-        return load_finetuned(student, paths.ADAPTER, dtype, device), load_tokenizer(student, source=paths.ADAPTER)
+            return load_student(student, system_prompt)
+        return load_trained(str(paths.ADAPTER), attention=student.attn_implementation)
 
     test = read_jsonl(paths.SPLITS["test"])
-    metrics, rows = evaluate(eval_params, test, load_student, student.prompt(teacher_prompt(params)))
+    metrics, rows = evaluate(eval_params, test, load)
     for line in score_lines(metrics):
         print(line)
     write_jsonl(paths.PREDICTIONS, rows)

@@ -13,7 +13,7 @@ from torch.utils.data import BatchSampler
 
 from redistill.errors import PipelineError
 from redistill.launch import FSDP_FLAGS, launch, launch_command
-from redistill.student import StudentParams, load_finetuned, load_model
+from redistill.models import load_base, load_trained
 from redistill.training import EpochSeededLengthGroupedSampler
 
 # Installed in each launched process through PYTHONPATH: the process of rank 1 logs every file it creates,
@@ -122,9 +122,8 @@ def test_two_processes_shard_the_data_and_only_the_main_process_writes(project, 
     loss_log = Path("metrics/train/plots/metrics/loss.tsv").read_text().splitlines()
     # DVCLive's step is the examples seen: 4 a step (2 per process), 16 an epoch.
     assert [line.split("\t")[0] for line in loss_log[1:]] == [str(4 * step) for step in range(1, 9)]
-    student = StudentParams(str(tiny_student), None, None, "sdpa")
-    base = load_model(student, torch.float32, "cpu").state_dict()
-    tuned = load_finetuned(student, "models/adapter", torch.float32, "cpu").state_dict()
+    base = load_base(str(tiny_student), torch.float32, "cpu").state_dict()
+    tuned = load_trained("models/adapter", device="cpu").model.state_dict()
     changed = {name for name, weight in tuned.items() if not torch.equal(weight, base[name])}
     assert changed and all(name.endswith("proj.weight") for name in changed), "the adapter trained the LoRA targets"
 

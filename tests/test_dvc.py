@@ -39,12 +39,21 @@ def test_dvc_yaml_declares_the_paths_the_stages_write():
     assert declared("evaluate_teacher") == {str(paths.TEACHER_PREDICTIONS), str(paths.METRICS / "eval_teacher.json")}
 
 
+def run_time_nodes(tree: ast.AST):
+    """The nodes of ``tree`` but those under ``if TYPE_CHECKING:``, whose imports never run."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            continue
+        yield node
+        yield from run_time_nodes(node)
+
+
 def imported_files(script: Path) -> set[str]:
     """The package's files that ``script`` imports, directly or through other package files, lazily or not."""
     found: set[str] = set()
     todo = [script]
     while todo:
-        for node in ast.walk(ast.parse(todo.pop().read_text())):
+        for node in run_time_nodes(ast.parse(todo.pop().read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
             elif isinstance(node, ast.Import):

@@ -293,19 +293,22 @@ def test_merge_refuses_a_folder_that_is_not_an_adapter(tmp_path, tiny_student, c
     assert not (tmp_path / "m").exists()
 
 
-def test_the_instruction_is_the_one_the_model_was_trained_with(tmp_path, monkeypatch):
-    from redistill.extraction import trained_system_prompt
+def test_the_instruction_is_the_one_the_folder_records_wherever_the_command_runs(
+    tmp_path, tiny_adapter, monkeypatch, capsys
+):
+    import shutil
+
+    from redistill.models import load_trained, write_trained_with
     from redistill.prompts import DEFAULT_SYSTEM_PROMPT
 
-    monkeypatch.chdir(tmp_path)
-    assert trained_system_prompt("models/adapter") == DEFAULT_SYSTEM_PROMPT
-    (tmp_path / "params.yaml").write_text("student: {system_prompt: null}\nteacher: {system_prompt: From params.}\n")
-    assert trained_system_prompt("models/adapter") == "From params."
-    # dvc.lock records what the adapter was trained with, also when `make demo` put params.yaml back afterwards
-    lock = "stages:\n  train:\n    params:\n      params.yaml:\n        student: {system_prompt: Short one.}\n"
-    (tmp_path / "dvc.lock").write_text(lock + "        teacher.system_prompt: null\n")
-    assert trained_system_prompt("models/adapter") == "Short one."
-    merged = tmp_path / "merged"
-    merged.mkdir()
-    (merged / "redistill.json").write_text('{"system_prompt": "Merged in."}')
-    assert trained_system_prompt(str(merged)) == "Merged in."
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    monkeypatch.chdir(tmp_path)  # a project whose params name another instruction changes nothing
+    (tmp_path / "params.yaml").write_text("student: {system_prompt: From params.}\n")
+    # an adapter trained before adapters recorded their instruction: the default, and a warning that says so
+    assert load_trained(str(adapter), device="cpu").system_prompt == DEFAULT_SYSTEM_PROMPT
+    assert "records no system prompt (redistill.json)" in capsys.readouterr().err
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    write_trained_with(adapter, base, "Short one.")
+    assert load_trained(str(adapter), device="cpu").system_prompt == "Short one."
+    assert "warning" not in capsys.readouterr().err

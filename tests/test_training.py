@@ -18,8 +18,9 @@ from redistill.checkpoints import last_checkpoint
 from redistill.errors import PipelineError
 from redistill.generation import generate
 from redistill.io import read_jsonl
+from redistill.models import load_student, load_trained, trained_with
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT, ensure_chat_template, prompt_ids, training_example
-from redistill.student import StudentParams, load_finetuned
+from redistill.student import StudentParams
 from redistill.train_params import LoraParams, TrainParams
 from redistill.training import build_examples, train
 
@@ -127,8 +128,12 @@ def test_training_lowers_the_loss_and_the_saved_adapter_reloads_identically(tiny
     saved = {path.name for path in (tmp_path / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"} <= saved
     assert "model.safetensors" not in saved  # no base weights
+    # What the adapter was trained with, for evaluate, extract and merge to read wherever they run.
+    assert trained_with(tmp_path / "adapter") == {
+        "base_model": str(tiny_student),
+        "system_prompt": DEFAULT_SYSTEM_PROMPT,
+    }
 
-    import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "adapter")
@@ -136,20 +141,17 @@ def test_training_lowers_the_loss_and_the_saved_adapter_reloads_identically(tiny
     texts = [row["text"] for row in labeled_rows(5, start=200)]
     model.eval()
     before = generate(model, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, max_new_tokens=12, batch_size=2)
-    reloaded = load_finetuned(student, tmp_path / "adapter", torch.float32, "cpu")
+    reloaded = load_trained(str(tmp_path / "adapter"), device="cpu").model
     after = generate(reloaded, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, max_new_tokens=12, batch_size=2)
     assert [g.text for g in before] == [g.text for g in after]
 
 
 def test_batched_generation_matches_one_at_a_time(tiny_student):
-    import torch
-
-    from redistill.student import load_model, load_tokenizer
-
     student = StudentParams(
         model=str(tiny_student), system_prompt=None, chat_template_fallback=None, attn_implementation="eager"
     )
-    model, tokenizer = load_model(student, torch.float32, "cpu"), load_tokenizer(student)
+    loaded = load_student(student, DEFAULT_SYSTEM_PROMPT, "cpu")
+    model, tokenizer = loaded.model, loaded.tokenizer
     texts = ["A b.", "Marie Curie was born in Warsaw and won two Nobel Prizes.", "Oslo is in Norway."]
     batched = generate(model, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, max_new_tokens=8, batch_size=3)
     single = [
