@@ -16,6 +16,8 @@ from redistill.teacher.engine import AskStats, Request, ask_all, estimate_tokens
 from redistill.teacher.journal import TeacherJournal, request_key
 from redistill.triples import clean_label
 
+LABEL_COUNTS = ("triples", "malformed_lines", "prose_lines", "empty_answers", "truncated_answers")
+
 
 def build_requests(texts: list[str], params: TeacherParams) -> list[Request]:
     requests = []
@@ -89,6 +91,23 @@ def label_sentences(
     requests = build_requests([sentence["text"] for sentence in sentences], params)
     unique = {request.key: request for request in requests}  # one request per distinct prompt
     missing = [request for key, request in unique.items() if journal.get(key) is None]
+    asked = ask_missing(missing, params, teacher_factory, journal, started)
+    labeled, counts = labelled_records(sentences, requests, journal)
+    seconds = time.monotonic() - started
+    stats = {
+        "sentences": len(sentences),
+        "cache_hits": len(unique) - len(missing),
+        **request_metrics(asked, seconds),
+        **{name: counts[name] for name in LABEL_COUNTS},
+        "wall_seconds": seconds,
+    }
+    return labeled, stats
+
+
+def ask_missing(
+    missing: list[Request], params: TeacherParams, teacher_factory, journal: TeacherJournal, started: float
+) -> AskStats:
+    """Ask for the ``missing`` answers; a PipelineError if any still fails, after a summary of what the run did."""
     asked = AskStats()
     try:
         if missing:
@@ -105,7 +124,13 @@ def label_sentences(
         if asked.sent:
             print(f"teacher: {summary_line(request_metrics(asked, time.monotonic() - started))}", file=sys.stderr)
         raise
+    return asked
 
+
+def labelled_records(
+    sentences: list[dict], requests: list[Request], journal: TeacherJournal
+) -> tuple[list[dict], Counter]:
+    """Each sentence with the triples cleaned from its journalled answer, and what cleaning found (LABEL_COUNTS)."""
     labeled, counts = [], Counter()
     for sentence, request in zip(sentences, requests, strict=True):
         entry = journal.get(request.key)
@@ -116,19 +141,7 @@ def label_sentences(
         counts["empty_answers"] += not parsed.triples
         counts["truncated_answers"] += entry["finish_reason"] == "length"
         labeled.append({**sentence, "triples": [list(triple) for triple in parsed.triples], "raw": entry["answer"]})
-    seconds = time.monotonic() - started
-    requested = request_metrics(asked, seconds)
-    stats = {
-        "sentences": len(sentences),
-        "cache_hits": len(unique) - len(missing),
-        **requested,
-        **{
-            name: counts[name]
-            for name in ("triples", "malformed_lines", "prose_lines", "empty_answers", "truncated_answers")
-        },
-        "wall_seconds": seconds,
-    }
-    return labeled, stats
+    return labeled, counts
 
 
 def ask_teacher(texts: list[str], params: TeacherParams, teacher) -> tuple[list[Completion], float]:

@@ -10,11 +10,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tqdm import tqdm
 
 from redistill.teacher.base import Completion, RetryableError, TeacherError
 from redistill.teacher.limiter import DailyLimitReached, RateLimiter
+
+_CHECK_THE_NETWORK = "check teacher.base_url and the network, then re-run: nothing answered is lost"
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,16 @@ def estimate_tokens(messages: list[dict], max_tokens: int) -> int:
     return sum(len(message["content"]) for message in messages) // 4 + max_tokens
 
 
+def record_answer(
+    request: Request, completion: Completion, on_answer: Callable[[Request, Completion], None], stats: AskStats
+) -> None:
+    """Count an answer and hand it on: every answer, online or from a batch, passes here on its way to the journal."""
+    stats.answered += 1
+    stats.prompt_tokens += completion.prompt_tokens
+    stats.completion_tokens += completion.completion_tokens
+    on_answer(request, completion)
+
+
 async def ask_all(
     requests: list[Request],
     teacher,
@@ -68,78 +81,110 @@ async def ask_all(
     Counts go into ``stats`` (a new AskStats if None), so a caller still has them when the run stops with an error.
     """
     stats = AskStats() if stats is None else stats
+    asker = _Asker(teacher, on_answer, policy, limiter, random.Random(seed), stats, progress)
     queue: asyncio.Queue[Request] = asyncio.Queue()
     for request in requests:
         queue.put_nowait(request)
-    rng = random.Random(seed)
-    started = time.monotonic()
-
-    stopped: list[DailyLimitReached] = []  # the day's budget ran out: requests in flight may still finish
-
-    async def ask(request: Request) -> None:
-        for attempt in range(policy.max_retries + 1):
-            try:
-                reservation = await limiter.acquire(request.tokens) if limiter else None
-            except DailyLimitReached as error:
-                stopped.append(error)
-                return
-            stats.sent += 1
-            try:
-                completion = await teacher.complete(request.messages)
-            except RetryableError as error:
-                stats.rate_limited += error.cause == "429"
-                if limiter:
-                    limiter.observe(error.headers)
-                    if error.retry_after:
-                        limiter.hold(error.retry_after)
-                reason = f"{error.cause}: {error}"
-                if error.cause == "unreachable" and stats.answered == 0:
-                    # Nothing has ever answered and nothing listens there: retrying would only delay the news.
-                    raise TeacherError(
-                        f"{error} (no request has succeeded); "
-                        "check teacher.base_url and the network, then re-run: nothing answered is lost"
-                    ) from None
-                if attempt == policy.max_retries:
-                    break
-                stats.retries[error.cause] += 1
-                await asyncio.sleep(policy.delay(attempt + 1, error.retry_after, rng))
-                continue
-            if limiter:
-                limiter.settle(reservation, completion.prompt_tokens + completion.completion_tokens, completion.headers)
-                limiter.observe(completion.headers)
-            stats.answered += 1
-            stats.prompt_tokens += completion.prompt_tokens
-            stats.completion_tokens += completion.completion_tokens
-            on_answer(request, completion)
-            return
-        if stats.answered == 0 and reason.startswith(("unreachable", "connection", "timeout")):
-            raise TeacherError(
-                f"{reason} (after {policy.max_retries} retries, and no request has succeeded); "
-                "check teacher.base_url and the network, then re-run: nothing answered is lost"
-            )
-        stats.failures[request.key] = reason
-
-    async def worker() -> None:
-        while not queue.empty() and not stopped:
-            request = queue.get_nowait()
-            await ask(request)
-            if progress is not None:
-                minutes = max(time.monotonic() - started, 1e-9) / 60
-                progress.set_postfix(
-                    rpm=f"{stats.answered / minutes:.0f}",
-                    tpm=f"{(stats.prompt_tokens + stats.completion_tokens) / minutes:.0f}",
-                    retries=sum(stats.retries.values()),
-                    failed=len(stats.failures),
-                    refresh=False,
-                )
-                progress.update(1)
-
     try:
         async with asyncio.TaskGroup() as group:
             for _ in range(min(policy.concurrency, len(requests))):
-                group.create_task(worker())
+                group.create_task(asker.work(queue))
     except* TeacherError as errors:
         raise errors.exceptions[0] from None
-    if stopped:
-        raise stopped[0]
+    if asker.stopped:
+        raise asker.stopped[0]
     return stats
+
+
+@dataclass
+class _Asker:
+    """One ask_all run: what its workers share (teacher, limiter, counts) and the steps of one request's attempts."""
+
+    teacher: Any  # no shared base class: anything with an async complete(messages) -> Completion
+    on_answer: Callable[[Request, Completion], None]
+    policy: RetryPolicy
+    limiter: RateLimiter | None
+    rng: random.Random
+    stats: AskStats
+    progress: tqdm | None
+    started: float = field(default_factory=time.monotonic)
+    stopped: list[DailyLimitReached] = field(default_factory=list)  # the budget ran out: let those in flight finish
+
+    async def work(self, queue: asyncio.Queue[Request]) -> None:
+        while not queue.empty() and not self.stopped:
+            await self.ask(queue.get_nowait())
+            self.show_progress()
+
+    async def ask(self, request: Request) -> None:
+        """Attempt ``request`` until it is answered or its retries are spent, then record its last reason."""
+        for attempt in range(self.policy.max_retries + 1):
+            try:
+                reservation = await self.reserve(request)
+            except DailyLimitReached as error:
+                self.stopped.append(error)
+                return
+            outcome = await self.send(request)
+            if not isinstance(outcome, RetryableError):
+                self.settle(reservation, outcome)
+                record_answer(request, outcome, self.on_answer, self.stats)
+                return
+            reason = self.learn_from_fault(outcome)
+            if attempt == self.policy.max_retries:
+                break
+            self.stats.retries[outcome.cause] += 1
+            await asyncio.sleep(self.policy.delay(attempt + 1, outcome.retry_after, self.rng))
+        self.give_up(request, reason)
+
+    async def reserve(self, request: Request) -> list[float] | None:
+        """Wait for room under the limits and take it: the one place a request's tokens are reserved."""
+        return await self.limiter.acquire(request.tokens) if self.limiter else None
+
+    async def send(self, request: Request) -> Completion | RetryableError:
+        """One attempt: the teacher's answer, or the fault worth retrying. What retrying can't fix raises."""
+        self.stats.sent += 1
+        try:
+            return await self.teacher.complete(request.messages)
+        except RetryableError as error:
+            return error
+
+    def settle(self, reservation: list[float] | None, completion: Completion) -> None:
+        """Correct the reservation to what the answer used, and learn the provider's limits from its headers."""
+        if self.limiter:
+            self.limiter.settle(
+                reservation, completion.prompt_tokens + completion.completion_tokens, completion.headers
+            )
+            self.limiter.observe(completion.headers)
+
+    def learn_from_fault(self, error: RetryableError) -> str:
+        """Count a failed attempt and pace every request by it; the reason to report if it stays the last."""
+        self.stats.rate_limited += error.cause == "429"
+        if self.limiter:
+            self.limiter.observe(error.headers)
+            if error.retry_after:
+                self.limiter.hold(error.retry_after)
+        if error.cause == "unreachable" and self.stats.answered == 0:
+            # Nothing has ever answered and nothing listens there: retrying would only delay the news.
+            raise TeacherError(f"{error} (no request has succeeded); {_CHECK_THE_NETWORK}")
+        return f"{error.cause}: {error}"
+
+    def give_up(self, request: Request, reason: str) -> None:
+        """Record a request whose retries are spent; stop the run if the network has never worked at all."""
+        if self.stats.answered == 0 and reason.startswith(("unreachable", "connection", "timeout")):
+            raise TeacherError(
+                f"{reason} (after {self.policy.max_retries} retries, and no request has succeeded); "
+                f"{_CHECK_THE_NETWORK}"
+            )
+        self.stats.failures[request.key] = reason
+
+    def show_progress(self) -> None:
+        if self.progress is None:
+            return
+        minutes = max(time.monotonic() - self.started, 1e-9) / 60
+        self.progress.set_postfix(
+            rpm=f"{self.stats.answered / minutes:.0f}",
+            tpm=f"{(self.stats.prompt_tokens + self.stats.completion_tokens) / minutes:.0f}",
+            retries=sum(self.stats.retries.values()),
+            failed=len(self.stats.failures),
+            refresh=False,
+        )
+        self.progress.update(1)
