@@ -151,11 +151,11 @@ def checks_of(field: dataclasses.Field) -> tuple[Check, ...]:
 
 
 def check_param(instance: object, name: str, key: str) -> None:
-    """Run the checks declared on field ``name`` of ``instance``; a ParamError naming ``key`` on the first broken."""
+    """Run the checks declared on field ``name`` of ``instance``: a ParamError naming ``key`` at the first it fails."""
     value = getattr(instance, name)
     if value is None:  # the type admitted null (the loader checked it), and no check applies to it
         return
-    (field,) = (field for field in dataclasses.fields(instance) if field.name == name)
+    field = next(field for field in dataclasses.fields(instance) if field.name == name)
     for check in checks_of(field):
         error = check.error(value)
         if error is not None:
