@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 # Stage commands in dvc.yaml call `python`: the venv's, whichever way DVC is started from here.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup demo all test lint push pull clean vendor-vega
+.PHONY: help setup demo all test lint docs push pull clean vendor-vega
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ test: setup  ## run the test suite
 
 lint: setup  ## ruff, as CI would
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+docs: setup  ## regenerate docs/params.md's tables from the params' declarations (tests fail when they are stale)
+	$(BIN)/python -m redistill.params_doc
 
 push: setup  ## upload data and models to the default DVC remote
 	$(DVC) push

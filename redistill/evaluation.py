@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from redistill.generation import Generation, generate
-from redistill.params import require
+from redistill.params import distinct, each, naming, one_of, param, positive
 from redistill.prompts import answer_text
 from redistill.scoring import score
 from redistill.triples import parse_answer
@@ -22,30 +22,25 @@ STUDENTS = ("base", "finetuned")
 
 @dataclass(frozen=True)
 class EvalParams:
-    models: list[str]
-    max_new_tokens: int
-    batch_size: int
-
-    def validate(self) -> None:
-        for name in self.models:
-            require(
-                name in STUDENTS,
-                "evaluate.models",
-                f"entries must be base or finetuned (teacher models: evaluate_teacher.models), got {name!r}",
-            )
-        require(len(set(self.models)) == len(self.models), "evaluate.models", "lists a model twice")
-        require(self.max_new_tokens > 0, "evaluate.max_new_tokens", f"must be positive, got {self.max_new_tokens}")
-        require(self.batch_size > 0, "evaluate.batch_size", f"must be positive, got {self.batch_size}")
+    models: list[str] = param(
+        "the students that answer the test split: `base` (untrained), `finetuned` (base + adapter)",
+        each(one_of(*STUDENTS).noting("teacher models: evaluate_teacher.models")),
+        distinct("a model"),
+    )
+    max_new_tokens: int = param("the answer cap, as in the post", positive)
+    batch_size: int = param(
+        "sentences generated together (on a GPU more is faster, see BENCHMARKS.md; memory grows with it)", positive
+    )
 
 
 @dataclass(frozen=True)
 class TeacherComparisonParams:
-    models: list[str] | None  # model names over the teacher's provider; null: none
-
-    def validate(self) -> None:
-        models = self.models or []
-        require(all(models), "evaluate_teacher.models", "entries must be model names")
-        require(len(set(models)) == len(models), "evaluate_teacher.models", "lists a model twice")
+    models: list[str] | None = param(
+        "models over the teacher's provider to score on the test split too (the post compared Groq's Llama-3-8B: "
+        "`[llama-3.1-8b-instant]`); `null`: none, no key needed",
+        each(naming("a model")),
+        distinct("a model"),
+    )
 
 
 def model_metrics(golds: list[str], outputs: list[Generation], seconds: float) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from redistill.errors import PipelineError
 from redistill.io import read_records
-from redistill.params import require
+from redistill.params import at_least, naming, or_null, param, positive, require
 from redistill.sentences import first_sentence, normalize, sentence_id
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -14,25 +14,32 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 @dataclass(frozen=True)
 class SampleParams:
-    source: str
-    revision: str | None
-    category: str | None
-    field: str
-    min_chars: int
-    max_chars: int
-    limit: int | None
-    seed: int
+    source: str = param(
+        "a Hugging Face dataset id, or a local `.json` (a list), `.jsonl` or `.parquet` file with dolly's fields "
+        "(`instruction`, `context`, `response`, `category`)",
+        naming("a Hugging Face dataset id or a local file"),
+    )
+    revision: str | None = param(
+        "commit of a hub dataset (dolly-15k's main since 2023-06-30); how to move it: "
+        "[teacher.md](teacher.md#the-pinned-dolly-revision)"
+    )
+    category: str | None = param("keep records of this category; `null` keeps all")
+    field: str = param("the field whose first sentence is taken", naming("a field of the records, e.g. context"))
+    min_chars: int = param(
+        "keep sentences with `min_chars < length < max_chars` (exclusive, as in the post)", at_least(0)
+    )
+    max_chars: int = param("the upper bound of that length filter (exclusive)")
+    limit: int | None = param(
+        "keep a seeded random subset of this many sentences (in corpus order); `null` keeps all", or_null(positive)
+    )
+    seed: int = param("seed of that subset")
 
     def validate(self) -> None:
-        require(bool(self.source.strip()), "sample.source", "must name a Hugging Face dataset id or a local file")
-        require(bool(self.field), "sample.field", "must name a field of the records, e.g. context")
-        require(self.min_chars >= 0, "sample.min_chars", f"must be >= 0, got {self.min_chars}")
         require(
             self.min_chars < self.max_chars,
             "sample.min_chars",
             f"must be smaller than sample.max_chars ({self.min_chars} >= {self.max_chars})",
         )
-        require(self.limit is None or self.limit > 0, "sample.limit", f"must be positive or null, got {self.limit}")
 
 
 def is_local(source: str) -> bool:

