@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_8b import build_random_llama3_8b
+from common import build_random_llama3_8b
 
 from redistill.cli import main as redistill
 from redistill.extraction import load_extractor

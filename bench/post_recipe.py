@@ -1,4 +1,4 @@
-"""The blog post's training recipe, as its notebook ran it, on today's APIs: the baseline for bench/train_8b.py.
+"""The blog post's training recipe, as its notebook ran it, on today's APIs: the baseline for bench/train.py.
 
 What it keeps from the post: 4-bit double-quant nf4 with bf16 compute; trl's old `setup_chat_format` (ChatML with
 two added tokens, embeddings resized, pad = eos = <|im_end|>); LoRA r 256, alpha 128, dropout 0.05 on all

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from train_8b import labelled_rows
+from common import bench_params, device_name, labelled_rows, with_overrides
 
 from redistill.evaluation import EvalParams, model_metrics, student_outputs
 from redistill.io import write_json, write_jsonl
-from redistill.params import load_block, read_params_file
+from redistill.params import load_block
 from redistill.prompts import answer_text, teacher_prompt
 from redistill.student import StudentParams, load_finetuned, load_tokenizer
 from redistill.train_params import TrainParams
@@ -36,21 +36,21 @@ def holdout_split(rows: list[dict], size: int) -> tuple[list[dict], list[dict]]:
     return ordered[size:], ordered[:size]
 
 
-def with_overrides(params: dict, settings: list[str]) -> dict:
-    """``section.key=value`` settings (as `dvc exp run -S`, values read as YAML) applied to a params dict."""
+def parse_settings(settings: list[str]) -> dict:
+    """``section.key=value`` settings (as `dvc exp run -S`, values read as YAML) as nested params overrides."""
+    overrides: dict = {}
     for setting in settings:
         path, _, value = setting.partition("=")
         *sections, key = path.split(".")
-        block = params
+        block = overrides
         for section in sections:
-            block = block[section]
+            block = block.setdefault(section, {})
         block[key] = yaml.safe_load(value)
-    return params
+    return overrides
 
 
 def run_variant(params: dict, overrides: dict, train_rows, test_rows, workdir: Path) -> dict:
-    params = json.loads(json.dumps(params))
-    params["train"].update(overrides)
+    params = with_overrides(params, {"train": overrides})
     train_params = load_block(TrainParams, "train", params)
     student = load_block(StudentParams, "student", params)
     eval_params = load_block(EvalParams, "evaluate", params)
@@ -88,12 +88,10 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    params = with_overrides(read_params_file(args.params), args.set)
-    params["student"]["model"] = str(Path(args.student).resolve())
+    params = bench_params(Path(args.student).resolve(), parse_settings(args.set), source=args.params)
     train_rows, test_rows = holdout_split(labelled_rows(args.data), args.holdout)
     train_rows = train_rows[: args.train_sentences]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    results = {"device": device, "torch": torch.__version__}
+    results = {"device": device_name(), "torch": torch.__version__}
     results |= {"train_sentences": len(train_rows), "test_sentences": len(test_rows), "settings": args.set}
     for variant in args.variant or DEFAULT_VARIANTS:
         name, _, overrides = variant.partition("=")

@@ -1,11 +1,11 @@
 """Benchmark the train presets (post, low_memory, fast) on the Llama-3-8B architecture on one GPU, in one run.
 
-Llama-3-8B is built from its published config with random weights (bench/train_8b.py): the same compute and memory.
-Each run is a fresh process that calls the train stage's `train()` with params.yaml's train block under a preset,
-from loading the student to the saved adapter, so peak memory and start-up are each run's own; the post's
-notebook (bench/post_recipe.py) runs on the same card for comparison. The examples come in the same order in every
-run (length-grouped, seeded), so the table's loss over the same examples compares runs that take 8 or 16 of them a
-step. Prints one table.
+Llama-3-8B is built from its published config with random weights (bench/common.py): the same compute and memory.
+Each run (RUNS: a preset, train-block overrides, train()'s speed-ups) is a fresh process that calls the train stage's
+`train()` with params.yaml's train block under the run's preset, from loading the student to the saved adapter, so
+peak memory and start-up are each run's own; the post's notebook (bench/post_recipe.py, the run `post-notebook`)
+runs on the same card for comparison. The examples come in the same order in every run (length-grouped, seeded), so
+the table's loss over the same examples compares runs that take 8 or 16 of them a step. Prints one table.
 
     python bench/train.py --tokenizer DIR --data FILE --steps 40 --out results.json [--profile 3]
 
@@ -13,16 +13,17 @@ Runs in the device image, which lacks dvclive: the runs write no DVCLive curve; 
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
-from train_8b import build_random_llama3_8b, labelled_rows
+from common import ROOT, bench_params, labelled_rows, random_llama3_8b
 from transformers import TrainerCallback
 
 from redistill.io import write_json, write_jsonl
@@ -30,30 +31,51 @@ from redistill.params import load_block
 from redistill.prompts import teacher_prompt
 from redistill.student import StudentParams
 from redistill.train_params import TrainParams
+from redistill.training import Speedups
 
-ROOT = Path(__file__).resolve().parent.parent
-# name: (train-block overrides, whether it runs --steps steps (else whole epochs)). A "lora" override is merged into
-# the lora block; "profile" profiles that many steps of the run (as --profile does for every timed run).
+
+@dataclass(frozen=True)
+class Run:
+    """One run of the table: ``preset`` with train-block ``overrides`` (merged into params.yaml's train block by
+    common.with_overrides: ``{"lora": {"dropout": 0.0}}`` changes that key alone), the ``speedups`` that train()
+    leaves on, and its length: --steps optimiser steps without checkpoints, or ``whole_epochs`` (the train block's
+    epochs) saving the preset's checkpoints, as users' runs do. ``profile``: steps to profile (0: --profile's, for
+    runs of --steps steps)."""
+
+    preset: str
+    overrides: dict = field(default_factory=dict)
+    speedups: Speedups = field(default_factory=Speedups)
+    whole_epochs: bool = False
+    profile: int = 0
+
+    def train_overrides(self, steps: int) -> dict:
+        length = {} if self.whole_epochs else {"max_steps": steps, "save_steps": 10**6}
+        return {"preset": self.preset, **self.overrides, **length}
+
+
+# 16 examples a step at sqrt(2) x the learning rate: 1.5-1.9x the tokens/s, a lower held-out F1 (BENCHMARKS.md).
+BATCH_16 = {"batch_size": 16, "learning_rate": 2.83e-4}
+COMPILED = {"compile": True}
 RUNS = {
-    "post": ({"preset": "post"}, True),
-    "low_memory": ({"preset": "low_memory"}, True),
-    "fast": ({"preset": "fast"}, True),
+    "post": Run("post"),
+    "low_memory": Run("low_memory"),
+    "fast": Run("fast"),
     # The packed row through SDPA with a block-diagonal mask (cuDNN's kernel off), as before the varlen kernel.
-    "fast-sdpa": ({"preset": "fast", "attention": "sdpa"}, True),
-    # peft's casts of each projection's input to the fp32 adapter dtype kept (the stage turns them off under bf16).
-    "fast-input-casts": ({"preset": "fast", "input_casts": True}, True),
-    "fast-compiled": ({"preset": "fast", "compile": True}, True),
-    "fast-no-dropout": ({"preset": "fast", "lora": {"dropout": 0.0}}, True),
-    "fast-padded": ({"preset": "fast", "packing": False}, True),
-    # 16 examples a step at sqrt(2) x the learning rate: 1.5-1.9x the tokens/s, a lower held-out F1 (BENCHMARKS.md).
-    "fast-16": ({"preset": "fast", "batch_size": 16, "learning_rate": 2.83e-4}, True),
-    "fast-16-compiled": ({"preset": "fast", "batch_size": 16, "learning_rate": 2.83e-4, "compile": True}, True),
-    "fast-2-epochs": ({"preset": "fast"}, False),
-    "fast-compiled-2-epochs": ({"preset": "fast", "compile": True}, False),
-    "fast-16-2-epochs": ({"preset": "fast", "batch_size": 16, "learning_rate": 2.83e-4}, False),
-    "fast-profiled": ({"preset": "fast", "profile": 3}, True),  # its rate includes the profiler's overhead
-    "fast-compiled-profiled": ({"preset": "fast", "compile": True, "profile": 3}, True),
+    "fast-sdpa": Run("fast", speedups=Speedups(packed_attention=False)),
+    # peft's casts of each projection's input to the fp32 adapter dtype kept (train() skips them under bf16).
+    "fast-input-casts": Run("fast", speedups=Speedups(skip_input_casts=False)),
+    "fast-compiled": Run("fast", COMPILED),
+    "fast-no-dropout": Run("fast", {"lora": {"dropout": 0.0}}),
+    "fast-padded": Run("fast", {"packing": False}),
+    "fast-16": Run("fast", BATCH_16),
+    "fast-16-compiled": Run("fast", {**BATCH_16, **COMPILED}),
+    "fast-2-epochs": Run("fast", whole_epochs=True),
+    "fast-compiled-2-epochs": Run("fast", COMPILED, whole_epochs=True),
+    "fast-16-2-epochs": Run("fast", BATCH_16, whole_epochs=True),
+    "fast-profiled": Run("fast", profile=3),  # its rate includes the profiler's overhead
+    "fast-compiled-profiled": Run("fast", COMPILED, profile=3),
 }
+NOTEBOOK = "post-notebook"  # the post's notebook, bench/post_recipe.py, for --steps steps
 
 
 class StepLog(TrainerCallback):
@@ -108,30 +130,19 @@ class StepProfiler(TrainerCallback):
 
 
 def child(argv: list[str]) -> None:
-    """One run in this process: the train stage's training on the random 8B, results to --result."""
+    """One run in this process: the train stage's training on --model, results to --result."""
     from redistill.training import train
 
     parser = argparse.ArgumentParser()
     for name in ("--model", "--overrides", "--rows", "--result"):
         parser.add_argument(name, required=True)
+    parser.add_argument("--speedups", default="{}", help="Speedups' fields to set (JSON)")
     parser.add_argument("--profile", type=int, default=0)
     args = parser.parse_args(argv)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["student"]["model"] = args.model
-    overrides = json.loads(args.overrides)
-    if overrides.pop("attention", None) == "sdpa":
-        import redistill.training
-
-        redistill.training.packed_attention_available = lambda dtype: False
+    params = bench_params(args.model, {"train": json.loads(args.overrides)})
+    speedups = Speedups(**json.loads(args.speedups))
+    if not speedups.packed_attention:  # a global switch, not train()'s: packed rows through SDPA, as before varlen
         torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN plans every new row length: 2.4x slower (BENCHMARKS.md)
-    if overrides.pop("input_casts", False):
-        import contextlib
-
-        import peft.helpers
-
-        peft.helpers.disable_input_dtype_casting = lambda model, active: contextlib.nullcontext()
-    params["train"]["lora"].update(overrides.pop("lora", {}))
-    params["train"].update(overrides)
     train_params = load_block(TrainParams, "train", params)
     student = load_block(StudentParams, "student", params)
     workdir = Path(args.result).parent
@@ -149,10 +160,25 @@ def child(argv: list[str]) -> None:
         checkpoints=workdir / "checkpoints",
         log_dir=None,
         callbacks=tuple(callbacks),
+        speedups=speedups,
     )
     if train_params.compile:  # where the compiling time went (tracing, autograd, inductor), and how often
         metrics["compile_times"] = torch._dynamo.utils.compile_times(repr="str")
     write_json(args.result, {**metrics, "losses": log.losses, "step_seconds": log.step_seconds})
+
+
+def run_argv(name: str, args: argparse.Namespace, model: Path, rows_file: Path, result: Path) -> list[str]:
+    """The process of run ``name``: the post's notebook, or this script's child with the run's params."""
+    if name == NOTEBOOK:
+        argv = [sys.executable, str(ROOT / "bench/post_recipe.py"), "--model", str(model), "--data"]
+        argv += [str(rows_file), "--max-steps", str(args.steps), "--out", str(result)]
+        return argv
+    run = RUNS[name]
+    argv = [sys.executable, __file__, "--child", "--model", str(model), "--rows", str(rows_file)]
+    argv += ["--overrides", json.dumps(run.train_overrides(args.steps)), "--result", str(result)]
+    argv += ["--speedups", json.dumps(dataclasses.asdict(run.speedups))]
+    argv += ["--profile", str(run.profile or (0 if run.whole_epochs else args.profile))]
+    return argv
 
 
 def main() -> None:
@@ -160,39 +186,29 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True, help="folder of a tokenizer (e.g. models/base)")
     parser.add_argument("--data", required=True, help="labelled JSONL, or the post's JSON list of {text, gold_re}")
     parser.add_argument("--steps", type=int, default=40, help="optimiser steps of the timed runs")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated: post-notebook, {', '.join(RUNS)}")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated: {NOTEBOOK}, {', '.join(RUNS)}")
     parser.add_argument("--profile", type=int, default=0, help="profile this many steps of each timed run (0: none)")
     parser.add_argument("--run-timeout", type=int, default=600, help="seconds before a run is stopped")
     parser.add_argument("--work", default="bench-work")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    names = args.runs.split(",")
+    if unknown := set(names) - {NOTEBOOK, *RUNS}:
+        parser.error(f"unknown run(s) {', '.join(sorted(unknown))}; choose from {NOTEBOOK}, {', '.join(RUNS)}")
 
-    work = Path(args.work).resolve()
-    model = work / "llama3-8b-random"
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps}
-    results["build_seconds"] = build_random_llama3_8b(model, args.tokenizer)
+    work, model, results = random_llama3_8b(args.work, args.tokenizer)
+    results["steps"] = args.steps
     rows_file = work / "train.jsonl"
     write_jsonl(rows_file, labelled_rows(args.data))
     results["sentences"] = sum(1 for _ in rows_file.open())
-    for name in args.runs.split(","):
+    for name in names:
         folder = work / name
         folder.mkdir(parents=True, exist_ok=True)
         result = folder / "result.json"
         started = time.monotonic()
-        if name == "post-notebook":
-            command = [sys.executable, str(ROOT / "bench/post_recipe.py"), "--model", str(model), "--data"]
-            command += [str(rows_file), "--max-steps", str(args.steps), "--out", str(result)]
-        else:
-            overrides, timed = RUNS[name]
-            overrides = dict(overrides)
-            profile = overrides.pop("profile", args.profile if timed else 0)
-            # Timed runs save no checkpoint; whole runs save the preset's, as users' runs do.
-            overrides = {**overrides, **({"max_steps": args.steps, "save_steps": 10**6} if timed else {})}
-            command = [sys.executable, __file__, "--child", "--model", str(model), "--rows", str(rows_file)]
-            command += ["--overrides", json.dumps(overrides), "--result", str(result)]
-            command += ["--profile", str(profile)]
+        argv = run_argv(name, args, model, rows_file, result)
         try:
-            code = subprocess.run(command, cwd=folder, timeout=args.run_timeout).returncode
+            code = subprocess.run(argv, cwd=folder, timeout=args.run_timeout).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
         metrics = json.loads(result.read_text()) if code == 0 else {"failed": code}

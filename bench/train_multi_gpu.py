@@ -10,11 +10,14 @@ as a user's run would. Every GPU gets the same per-device batch, so N GPUs see N
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
-from train_8b import build_random_llama3_8b, labelled_rows, run_stage
+import yaml
+from common import ROOT, bench_params, labelled_rows, random_llama3_8b
 
 from redistill.io import write_json, write_jsonl
 
@@ -22,6 +25,14 @@ CHECKS = {
     "ddp-qlora": {},  # params.yaml as shipped: nf4 QLoRA through DDP
     "fsdp-qlora": {"quantization": "nf4", "distributed": "fsdp", "optim": "adamw_torch"},
 }
+
+
+def run_stage(workdir: Path, model: Path, max_steps: int, overrides: dict) -> dict:
+    """`stages/train.py` in ``workdir`` with params.yaml's train block under ``overrides`` (common.with_overrides)."""
+    params = bench_params(model, {"train": {"max_steps": max_steps, "save_steps": 10**6, **overrides}})
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run([sys.executable, str(ROOT / "stages/train.py")], cwd=workdir, check=True)
+    return json.loads((workdir / "metrics/train.json").read_text())
 
 
 def main() -> None:
@@ -43,15 +54,8 @@ def main() -> None:
     checks = args.checks.split(",")
     if unknown := set(checks) - set(CHECKS):
         parser.error(f"unknown check(s) {', '.join(sorted(unknown))}; choose from {', '.join(CHECKS)}")
-    work = Path(args.work).resolve()
-    model = work / "llama3-8b-random"
-    results = {
-        "device": f"{available} x {torch.cuda.get_device_name()}",
-        "torch": torch.__version__,
-        "max_steps": args.max_steps,
-        "recipe": recipe,
-        "build_seconds": build_random_llama3_8b(model, args.tokenizer),
-    }
+    work, model, results = random_llama3_8b(args.work, args.tokenizer)
+    results |= {"device": f"{available} x {results['device']}", "max_steps": args.max_steps, "recipe": recipe}
     rows = labelled_rows(args.data)
 
     def run(name: str, steps: int, overrides: dict) -> dict:
