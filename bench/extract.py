@@ -10,7 +10,7 @@ In one process on one GPU, on the same sentences, each with a fixed number of ne
 
 Random weights never emit EOS, so every answer runs to ``--new-tokens``: real answers stop earlier, and finished rows
 leave the batch, so real runs are faster than these. Llama-3-8B's weights can't be downloaded here; the model is built
-from its published config (bench/train_8b.py), and the tokenizer is any with similar English compression.
+from its published config (bench/common.py), and the tokenizer is any with similar English compression.
 
     python bench/extract.py --tokenizer DIR --data FILE --out results.json
 """
@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_random_llama3_8b
 
 from redistill.cli import main as redistill
-from redistill.extraction import load_extractor
 from redistill.generation import Generator
 from redistill.io import read_records, write_json
 from redistill.merging import merge
+from redistill.models import load_trained
 from redistill.prompts import CHATML_TEMPLATE, DEFAULT_SYSTEM_PROMPT
 
 
@@ -166,7 +166,7 @@ def main() -> None:
     make_adapter(base, adapter, args.rank)
     sizes = [int(size) for size in args.batch_sizes.split(",")]
 
-    extractor, load_seconds = timed(lambda: load_extractor(str(adapter), None, "none", "cuda"))
+    extractor, load_seconds = timed(lambda: load_trained(str(adapter), device="cuda"))
     results["load_adapter_merged_seconds"] = round(load_seconds, 1)
     model, tokenizer = extractor.model, extractor.tokenizer
     runs.append(post_way(model, tokenizer, texts[: args.post_sentences], args.new_tokens))
@@ -190,7 +190,7 @@ def main() -> None:
     del model, extractor
     torch.cuda.empty_cache()
 
-    extractor = load_extractor(str(adapter), None, "none", "cuda", merge=False)
+    extractor = load_trained(str(adapter), device="cuda", merge=False)
     name = f"adapter unmerged (LoRA layers live), static cache + CUDA graph, batch {best['batch_size']}"
     runs.append(generator_run(name, extractor.model, extractor.tokenizer, texts, args.new_tokens, best["batch_size"]))
     del extractor
@@ -198,7 +198,7 @@ def main() -> None:
     save(args.out, results)
 
     _, results["merge_seconds"] = timed(lambda: merge(str(adapter), None, str(merged), "cuda"))
-    extractor = load_extractor(str(merged), None, "none", "cuda")
+    extractor = load_trained(str(merged), device="cuda")
     name = f"merged folder, static cache + CUDA graph, batch {best['batch_size']}"
     runs.append(generator_run(name, extractor.model, extractor.tokenizer, texts, args.new_tokens, best["batch_size"]))
     del extractor

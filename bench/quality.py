@@ -21,9 +21,10 @@ from common import bench_params, device_name, labelled_rows, with_overrides
 
 from redistill.evaluation import EvalParams, model_metrics, student_outputs
 from redistill.io import write_json, write_jsonl
+from redistill.models import load_trained
 from redistill.params import load_block
 from redistill.prompts import answer_text, teacher_prompt
-from redistill.student import StudentParams, load_finetuned, load_tokenizer
+from redistill.student import StudentParams
 from redistill.train_params import TrainParams
 from redistill.training import train
 
@@ -60,12 +61,8 @@ def run_variant(params: dict, overrides: dict, train_rows, test_rows, workdir: P
         train_params, student, system_prompt, train_rows, [], adapter, workdir / "checkpoints", log_dir=None
     )
     del trained
-    cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    model = load_finetuned(student, adapter, dtype, device)
-    tokenizer = load_tokenizer(student, source=adapter)
     texts = [row["text"] for row in test_rows]
-    outputs, seconds = student_outputs(model, tokenizer, texts, system_prompt, eval_params, workdir.name)
+    outputs, seconds = student_outputs(load_trained(str(adapter)), texts, eval_params, workdir.name)
     golds = [answer_text(row["triples"]) for row in test_rows]
     answers = [
         {"id": row["id"], "gold": gold, "answer": output.text}
