@@ -7,7 +7,7 @@ Llama-3-8B). Two stages, so that a change to the teacher's code or params never 
 import time
 from dataclasses import dataclass
 
-from redistill.generation import Generation, generate
+from redistill.generation import Generation, Generator
 from redistill.params import require
 from redistill.prompts import answer_text
 from redistill.scoring import score
@@ -61,7 +61,8 @@ def model_metrics(golds: list[str], outputs: list[Generation], seconds: float) -
 
 def student_outputs(model, tokenizer, texts: list[str], system_prompt: str, params: EvalParams, name: str):
     started = time.monotonic()
-    outputs = generate(model, tokenizer, texts, system_prompt, params.max_new_tokens, params.batch_size, desc=name)
+    generator = Generator(model, tokenizer, system_prompt, params.max_new_tokens, params.batch_size)
+    outputs = generator.generate(texts, desc=name)
     return outputs, time.monotonic() - started
 
 

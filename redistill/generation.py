@@ -1,4 +1,4 @@
-"""Batched greedy generation, shared by evaluate and extract.
+"""Batched greedy generation: evaluate and extract both answer sentences through `Generator.generate`.
 
 Every prompt starts with the same system turn, so its keys and values are computed once and copied into each
 batch: only each sentence's own tokens are prefilled. Batches are cut from prompts sorted by length (little
@@ -331,16 +331,3 @@ class Generator:
         kept = new if end is None else new[:end]
         text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
         return Generation(text=text, ended=end is not None, new_tokens=len(kept))
-
-
-def generate(
-    model,
-    tokenizer,
-    texts: list[str],
-    system_prompt: str,
-    max_new_tokens: int,
-    batch_size: int,
-    desc: str = "generate",
-) -> list[Generation]:
-    """The model's answer to each sentence, greedy, in the order of ``texts``."""
-    return Generator(model, tokenizer, system_prompt, max_new_tokens, batch_size).generate(texts, desc)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from redistill.errors import PipelineError
-from redistill.generation import generate
+from redistill.generation import Generator
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT
 from redistill.student import StudentParams, import_gguf, load_model, load_tokenizer, locate_gguf
 
@@ -36,5 +36,5 @@ def test_smollm2_imports_loads_fast_and_generates(tmp_path):
     model, tokenizer = load_model(student, torch.float32, "cpu"), load_tokenizer(student)
     assert time.monotonic() - started < 5  # the point of importing once: no GGUF dequantisation on every load
     assert tokenizer.chat_template  # SmolLM2's own ChatML template survived the conversion
-    [answer] = generate(model, tokenizer, ["Alice is from France."], DEFAULT_SYSTEM_PROMPT, 24, batch_size=1)
+    [answer] = Generator(model, tokenizer, DEFAULT_SYSTEM_PROMPT, 24, 1).generate(["Alice is from France."])
     assert answer.text and answer.new_tokens > 0
