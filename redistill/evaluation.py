@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from redistill.generation import Generation, generate
+from redistill.generation import Generation, Generator
 from redistill.params import distinct, each, naming, one_of, param, positive
 from redistill.prompts import answer_text
 from redistill.scoring import score
@@ -60,15 +60,10 @@ def model_metrics(golds: list[str], outputs: list[Generation], seconds: float) -
 
 def student_outputs(student: "LoadedModel", texts: list[str], params: EvalParams, name: str):
     started = time.monotonic()
-    outputs = generate(
-        student.model,
-        student.tokenizer,
-        texts,
-        student.system_prompt,
-        params.max_new_tokens,
-        params.batch_size,
-        desc=name,
+    generator = Generator(
+        student.model, student.tokenizer, student.system_prompt, params.max_new_tokens, params.batch_size
     )
+    outputs = generator.generate(texts, desc=name)
     return outputs, time.monotonic() - started
 
 

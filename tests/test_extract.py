@@ -10,13 +10,15 @@ import pytest
 
 from redistill.cli import main
 from redistill.extraction import read_inputs, sentences_of
-from redistill.generation import Generator, prompt_batches, shared_prefix_length
+from redistill.generation import SYNC_EVERY, Generator, prompt_batches, shared_prefix_length
+from redistill.prompts import stop_token_ids
 from redistill.sentences import split_sentences
 
 TEXT = (
     "Marie Curie was born in Warsaw. She won two Nobel Prizes.\n"
     "The U.S. Army was founded in 1775\nby the Continental Congress.\n\nAlice is from France.\n"
 )
+SYSTEM = "Extract the triples."
 
 
 @pytest.fixture(scope="session")
@@ -63,33 +65,61 @@ def reference_tokens(model, tokenizer, texts, system_prompt, stops, max_new_toke
     return answers
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-@pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_generator_gives_transformers_greedy_answers(tiny_student, batch_size, static):
-    """Both ways of decoding: rows leaving a growing cache (CPU), a fixed batch on a static cache (GPU graphs)."""
+@pytest.fixture(scope="module")
+def tiny_decoding(tiny_student):
+    """The tiny random model, its tokenizer, and sentences of different lengths to answer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_student), AutoTokenizer.from_pretrained(tiny_student)
     tokenizer.pad_token = tokenizer.eos_token
     texts = [sentence for _, sentence in split_sentences(TEXT.replace("\n", " "))] + ["x", "Rome is in Italy."]
-    generator = Generator(model, tokenizer, "Extract the triples.", 30, batch_size, static=static)
-    # The random model never says end of turn: stop also at a token it says at different steps in different answers
-    # (or never), so that rows finish at different times and leave the batch.
-    plain = reference_tokens(model, tokenizer, texts, "Extract the triples.", generator.stops, 30)
+    return model, tokenizer, texts
+
+
+def stopping_early(model, tokenizer, texts: list[str], stops: list[int]) -> list[int]:
+    """The random model never says end of turn: stop also at a token it says at different steps in different answers
+    (or never), so that rows finish at different times and leave the batch."""
+    plain = reference_tokens(model, tokenizer, texts, SYSTEM, stops, 30)
     firsts = [{token: answer.index(token) for token in reversed(answer)} for answer in plain]
     stop = next(
         token
         for token in sorted({token for answer in plain for token in answer})
         if len({first.get(token) for first in firsts}) > 2
     )
-    generator.stops = [*generator.stops, stop]
+    return [*stops, stop]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_generator_gives_transformers_greedy_answers(tiny_decoding, batch_size, static):
+    """Both ways of decoding: rows leaving a growing cache (CPU), a fixed batch on a static cache (GPU graphs)."""
+    model, tokenizer, texts = tiny_decoding
+    generator = Generator(model, tokenizer, SYSTEM, 30, batch_size, static=static)
+    generator.stops = stopping_early(model, tokenizer, texts, generator.stops)
     answers = generator.generate(texts, progress=False)
-    expected = reference_tokens(model, tokenizer, texts, "Extract the triples.", generator.stops, 30)
+    expected = reference_tokens(model, tokenizer, texts, SYSTEM, generator.stops, 30)
     assert [answer.text for answer in answers] == [
         tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in expected
     ]
     assert [answer.new_tokens for answer in answers] == [len(ids) for ids in expected]
     assert any(answer.ended for answer in answers) and len({answer.new_tokens for answer in answers}) > 2
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_static_and_growing_caches_give_identical_answers(tiny_decoding, batch_size):
+    """One decoding loop over two caches: on the CPU, the same answers, ends and lengths from a static batch (filled
+    up, finished rows kept) as from a growing one (finished rows dropped), past a sync step (SYNC_EVERY)."""
+    model, tokenizer, texts = tiny_decoding
+    texts = [*texts, "Paris is in France."]  # 7: at 3 a row, the last static batch is one sentence and two fillers
+    stops = stopping_early(model, tokenizer, texts, stop_token_ids(tokenizer))
+    answers = []
+    for static in (False, True):
+        generator = Generator(model, tokenizer, SYSTEM, 30, batch_size, static=static)
+        generator.stops = stops
+        answers.append(generator.generate(texts, progress=False))
+    assert answers[0] == answers[1]
+    assert any(answer.ended for answer in answers[0]) and not all(answer.ended for answer in answers[0])
+    assert max(answer.new_tokens for answer in answers[0]) > SYNC_EVERY
 
 
 def test_batches_are_sorted_by_length_and_of_nearly_one_size():

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from redistill.errors import PipelineError
-from redistill.generation import generate
+from redistill.generation import Generator
 from redistill.models import load_student
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT
 from redistill.student import StudentParams, import_gguf, locate_gguf
@@ -37,5 +37,5 @@ def test_smollm2_imports_loads_fast_and_generates(tmp_path):
     model, tokenizer = loaded.model, loaded.tokenizer
     assert time.monotonic() - started < 5  # the point of importing once: no GGUF dequantisation on every load
     assert tokenizer.chat_template  # SmolLM2's own ChatML template survived the conversion
-    [answer] = generate(model, tokenizer, ["Alice is from France."], DEFAULT_SYSTEM_PROMPT, 24, batch_size=1)
+    [answer] = Generator(model, tokenizer, DEFAULT_SYSTEM_PROMPT, 24, 1).generate(["Alice is from France."])
     assert answer.text and answer.new_tokens > 0

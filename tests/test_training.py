@@ -16,7 +16,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from redistill.checkpoints import last_checkpoint
 from redistill.errors import PipelineError
-from redistill.generation import generate
+from redistill.generation import Generator
 from redistill.io import read_jsonl
 from redistill.models import load_student, load_trained, trained_with
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT, ensure_chat_template, prompt_ids, training_example
@@ -140,9 +140,9 @@ def test_training_lowers_the_loss_and_the_saved_adapter_reloads_identically(tiny
     tokenizer.pad_token = tokenizer.eos_token
     texts = [row["text"] for row in labeled_rows(5, start=200)]
     model.eval()
-    before = generate(model, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, max_new_tokens=12, batch_size=2)
+    before = Generator(model, tokenizer, DEFAULT_SYSTEM_PROMPT, 12, 2).generate(texts, progress=False)
     reloaded = load_trained(str(tmp_path / "adapter"), device="cpu").model
-    after = generate(reloaded, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, max_new_tokens=12, batch_size=2)
+    after = Generator(reloaded, tokenizer, DEFAULT_SYSTEM_PROMPT, 12, 2).generate(texts, progress=False)
     assert [g.text for g in before] == [g.text for g in after]
 
 
@@ -153,9 +153,9 @@ def test_batched_generation_matches_one_at_a_time(tiny_student):
     loaded = load_student(student, DEFAULT_SYSTEM_PROMPT, "cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
     texts = ["A b.", "Marie Curie was born in Warsaw and won two Nobel Prizes.", "Oslo is in Norway."]
-    batched = generate(model, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, max_new_tokens=8, batch_size=3)
+    batched = Generator(model, tokenizer, DEFAULT_SYSTEM_PROMPT, 8, 3).generate(texts, progress=False)
     single = [
-        generate(model, tokenizer, [text], DEFAULT_SYSTEM_PROMPT, max_new_tokens=8, batch_size=1)[0] for text in texts
+        Generator(model, tokenizer, DEFAULT_SYSTEM_PROMPT, 8, 1).generate([text], progress=False)[0] for text in texts
     ]
     assert [g.text for g in batched] == [g.text for g in single]
     assert all(g.new_tokens <= 8 for g in batched)
