@@ -31,7 +31,7 @@ from redistill.cli import main as redistill
 from redistill.generation import Generator
 from redistill.io import read_records, write_json
 from redistill.merging import merge
-from redistill.models import load_trained
+from redistill.models import load_trained, write_trained_with
 from redistill.prompts import CHATML_TEMPLATE, DEFAULT_SYSTEM_PROMPT
 
 
@@ -53,6 +53,7 @@ def make_adapter(base: Path, folder: Path, rank: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.chat_template = CHATML_TEMPLATE  # what the train stage saves: the ChatML fallback
     tokenizer.save_pretrained(folder)
+    write_trained_with(folder, str(base), DEFAULT_SYSTEM_PROMPT)
     del model
     torch.cuda.empty_cache()
 
