@@ -13,7 +13,7 @@ from pathlib import Path
 from redistill import paths
 from redistill.errors import PipelineError
 from redistill.io import atomic_dir
-from redistill.models import adapter_base, is_adapter, load_trained, write_trained_with
+from redistill.models import adapter_base, is_adapter, load_trained, trained_with, write_trained_with
 from redistill.prompts import stop_token_ids
 
 
@@ -28,9 +28,14 @@ def with_default_system_prompt(template: str, system_prompt: str) -> str:
 
 
 def merge(model: str, base: str | None, output: str, device: str = "cpu") -> None:
-    """Fold the adapter ``model`` into its base and write a model folder to ``output`` (atomically)."""
-    if not is_adapter(Path(model)):
-        raise PipelineError(f"{model} is not an adapter folder (no adapter_config.json); nothing to merge")
+    """Fold the adapter ``model`` into its base (or take a model trained in full as it is) and write a standalone
+    model folder to ``output`` (atomically)."""
+    folder = Path(model)
+    if not is_adapter(folder) and not trained_with(folder):
+        raise PipelineError(
+            f"{model} is not an adapter folder (no adapter_config.json) nor a model trained in full by redistill "
+            "(no redistill.json); nothing to merge"
+        )
     if Path(output).resolve() == Path(model).resolve():
         raise PipelineError("--output must not be the adapter's own folder")
     loaded = load_trained(model, base, device, dtype="auto")
@@ -38,11 +43,11 @@ def merge(model: str, base: str | None, output: str, device: str = "cpu") -> Non
     tokenizer.chat_template = with_default_system_prompt(tokenizer.chat_template, loaded.system_prompt)
     merged.generation_config.eos_token_id = stop_token_ids(tokenizer)
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    base = base or adapter_base(Path(model))
-    with atomic_dir(output) as folder:
-        merged.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        write_trained_with(folder, base, loaded.system_prompt, adapter=str(model))
+    base = base or (adapter_base(folder) if is_adapter(folder) else trained_with(folder)["base_model"])
+    with atomic_dir(output) as staging:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_trained_with(staging, base, loaded.system_prompt, adapter=str(model))
     print(f"merged {model} into {output}", file=sys.stderr)
 
 

@@ -10,6 +10,7 @@ from redistill.params import Check, check_param, in_range, one_of, param, positi
 
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_min_lr")
 PRECISIONS = ("auto", "bf16", "fp32")
+METHODS = ("lora", "full")
 
 # What each preset costs and buys is measured in docs/training.md. Every preset puts the post's 8 examples in each
 # optimiser step (batch_size * grad_accum), so the learning rate and schedule mean the same under all three: 16 a step
@@ -126,6 +127,12 @@ class TrainParams:
         "an `accelerate config` YAML to launch with instead of the two keys above (CPU offload, other FSDP "
         "settings); it launches even with 1 process"
     )
+    method: str = param(
+        "`lora`: train a LoRA adapter (`train.lora`) on the frozen student; `full`: train every weight, for small "
+        "students (fp32 master weights, bf16 autocast on a GPU; the stage then saves a whole model folder in "
+        "`models/adapter/`, which evaluate, extract and merge load as they load an adapter)",
+        one_of(*METHODS),
+    )
     lora: LoraParams
 
     def __post_init__(self) -> None:
@@ -140,6 +147,11 @@ class TrainParams:
         return self.num_processes > 1 or self.accelerate_config is not None
 
     def validate(self) -> None:
+        require(
+            self.method == "lora" or self.quantization == "none",
+            "train.quantization",
+            "must be none with train.method: full (4-bit weights can't be trained)",
+        )
         require(
             not (self.distributed == "fsdp" and "8bit" in self.optim),
             "train.optim",

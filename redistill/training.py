@@ -110,8 +110,12 @@ def load_for_training(params: TrainParams, student: StudentParams, env: Environm
     """The student as training needs it: quantized if asked, its attention fit for packed rows."""
     if env.cuda:  # bitsandbytes quantizes onto the current GPU, and FSDP requires it to be this process's own
         torch.cuda.set_device(local_rank())
-    model = load_base(student.model, env.dtype, env.device, params.quantization, student.attn_implementation)
-    if params.packing and speedups.packed_attention and packed_attention_available(env.dtype):
+    # Trained weights stay fp32 (bf16 ones would lose most small updates); under bf16 autocast they compute in bf16.
+    weights = torch.float32 if params.method == "full" else env.dtype
+    model = load_base(student.model, weights, env.device, params.quantization, student.attn_implementation)
+    # The varlen kernel takes half-precision inputs only: fp32 weights feed it fp32 rotary products.
+    varlen = speedups.packed_attention and params.method == "lora" and packed_attention_available(env.dtype)
+    if params.packing and varlen:
         use_packed_attention(model)
     if params.quantization == "nf4" and params.gradient_checkpointing:
         # Recomputed layers need an input that asks for gradients. Unlike peft's prepare_model_for_kbit_training,
@@ -182,18 +186,26 @@ def loss_log_callbacks(config, log_dir: Path | None, resumed: bool, examples: in
     return [ExamplesSeenDVCLive(examples, examples_per_step, live=live)]
 
 
-def build_trainer(model, config, examples: Examples, tokenizer, params: TrainParams, callbacks: list):
-    """trl's trainer with the LoRA adapter on ``model``, the loss in the progress bar, and compiled layers if asked."""
-    from datasets import Dataset
+def lora_config(params: TrainParams):
+    """peft's config of the adapter to train; None where every weight trains (train.method: full)."""
     from peft import LoraConfig
 
-    lora = LoraConfig(
+    if params.method == "full":
+        return None
+    return LoraConfig(
         r=params.lora.r,
         lora_alpha=params.lora.alpha,
         lora_dropout=params.lora.dropout,
         target_modules=params.lora.target_modules,
         task_type="CAUSAL_LM",
     )
+
+
+def build_trainer(model, config, examples: Examples, tokenizer, params: TrainParams, callbacks: list):
+    """trl's trainer on ``model`` (with the LoRA adapter unless train.method is full), the loss in the progress bar,
+    and compiled layers if asked."""
+    from datasets import Dataset
+
     try:
         trainer = StudentTrainer(
             model=model,
@@ -201,7 +213,7 @@ def build_trainer(model, config, examples: Examples, tokenizer, params: TrainPar
             train_dataset=Dataset.from_list(examples.train),
             eval_dataset=Dataset.from_list(examples.val) if examples.val else None,
             processing_class=tokenizer,
-            peft_config=lora,
+            peft_config=lora_config(params),
             callbacks=callbacks,
         )
     except ValueError as error:
@@ -239,23 +251,26 @@ def run(trainer, resume: str | None, params: TrainParams, env: Environment, spee
 
 
 def save_adapter(trainer, tokenizer, adapter_dir: Path, checkpoints: Path, student: StudentParams, system_prompt: str):
-    """Write the adapter, its tokenizer (with the chat template) and what it was trained with to ``adapter_dir``,
-    then drop the checkpoints; every process takes part, the main one writes. Returns the trained model."""
+    """Write the adapter (or, trained in full, the whole model), its tokenizer (with the chat template) and what it
+    was trained with to ``adapter_dir``, then drop the checkpoints; every process takes part, the main one writes.
+    Returns the trained model."""
     from accelerate.utils import extract_model_from_parallel
-    from peft import get_peft_model_state_dict
+    from peft import PeftModel, get_peft_model_state_dict
 
     # Under FSDP this gathers the shards into whole tensors on the main process.
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
     # Recursive: peft finds the adapter's keys by module name, and names inside nested FSDP units would not match.
     trained = extract_model_from_parallel(trainer.model, recursive=True)
     main = trainer.args.process_index == 0
+    adapter = isinstance(trained, PeftModel)
     if main:
-        if not get_peft_model_state_dict(trained, state_dict=state_dict):
+        if adapter and not get_peft_model_state_dict(trained, state_dict=state_dict):
             raise PipelineError("train: the trained adapter came out empty; please report this with your params.yaml")
         with atomic_dir(adapter_dir) as staging:
             trained.save_pretrained(staging, state_dict=state_dict)
             tokenizer.save_pretrained(staging)
-            _sort_target_modules(staging / "adapter_config.json")
+            if adapter:
+                _sort_target_modules(staging / "adapter_config.json")
             write_trained_with(staging, student.model, system_prompt)
     trainer.accelerator.wait_for_everyone()
     if main:
@@ -308,7 +323,9 @@ def train(
 
 
 # Train params that metrics/train.json repeats, so that `dvc metrics diff` shows what ran beside what it measured.
-RECORDED_PARAMS = ("preset", "batch_size", "grad_accum", "packing", "compile", "gradient_checkpointing", "optim")
+RECORDED_PARAMS = (
+    "preset", "method", "batch_size", "grad_accum", "packing", "compile", "gradient_checkpointing", "optim",
+)  # fmt: skip
 
 
 def train_metrics(
@@ -356,7 +373,8 @@ def compile_decoder_layers(model) -> None:
     """torch.compile each decoder layer in place (the adapter's keys stay as they are). The layers share their code,
     so they share one compiled graph (regional compilation: one layer's compile time, not the model's); row lengths
     are dynamic from the start, so a new packed length compiles nothing."""
-    for layer in model.get_base_model().get_decoder().layers:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in base.get_decoder().layers:
         layer.compile(dynamic=True)
 
 

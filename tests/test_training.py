@@ -98,6 +98,7 @@ def tiny_train_params(**changes) -> TrainParams:
         num_processes=1,
         distributed="ddp",
         accelerate_config=None,
+        method="lora",
         lora=LoraParams(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     )
     return TrainParams(**{**base, **changes})
@@ -144,6 +145,41 @@ def test_training_lowers_the_loss_and_the_saved_adapter_reloads_identically(tiny
     reloaded = load_trained(str(tmp_path / "adapter"), device="cpu").model
     after = Generator(reloaded, tokenizer, DEFAULT_SYSTEM_PROMPT, 12, 2).generate(texts, progress=False)
     assert [g.text for g in before] == [g.text for g in after]
+
+
+def test_full_fine_tuning_saves_a_whole_model_that_evaluate_extract_and_merge_load(tiny_student, tmp_path):
+    from redistill.cli import main as redistill
+    from redistill.models import is_adapter
+
+    student = StudentParams(
+        model=str(tiny_student), system_prompt=None, chat_template_fallback=None, attn_implementation="sdpa"
+    )
+    metrics, model = train(
+        tiny_train_params(method="full", learning_rate=1e-3),
+        student,
+        "Short prompt.",
+        labeled_rows(16),
+        [],
+        adapter_dir=tmp_path / "adapter",
+        checkpoints=tmp_path / "checkpoints",
+        log_dir=None,
+    )
+    assert metrics["method"] == "full" and metrics["final_loss"] < metrics["train_loss"] * 1.5
+    assert metrics["trainable_parameters"] == sum(p.numel() for p in model.parameters())  # every weight
+    folder = tmp_path / "adapter"
+    assert not is_adapter(folder) and (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    assert trained_with(folder) == {"base_model": str(tiny_student), "system_prompt": "Short prompt."}
+    loaded = load_trained(str(folder), device="cpu")
+    assert loaded.system_prompt == "Short prompt."
+    texts = [row["text"] for row in labeled_rows(4, start=200)]
+    model.eval()
+    before = Generator(model, loaded.tokenizer, "Short prompt.", 12, 2).generate(texts, progress=False)
+    after = Generator(loaded.model, loaded.tokenizer, "Short prompt.", 12, 2).generate(texts, progress=False)
+    assert before == after
+    assert redistill(["merge", "--model", str(folder), "-o", str(tmp_path / "merged")]) == 0
+    assert trained_with(tmp_path / "merged")["system_prompt"] == "Short prompt."
+    with pytest.raises(PipelineError, match=r"train\.quantization must be none with train\.method: full"):
+        tiny_train_params(method="full", quantization="nf4").validate()
 
 
 def test_batched_generation_matches_one_at_a_time(tiny_student):
