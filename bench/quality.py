@@ -1,13 +1,16 @@
-"""Same quality: the student trained through the train stage, scored by exact F1 on sentences it never saw.
+"""Quality: the student trained through the train stage, scored on sentences it never saw.
 
-The post's labelled sentences (or redistill's labelled JSONL) are split by sentence hash: the `--holdout` sentences
-with the smallest ids are the test set, the rest train. For each variant (a set of train-key overrides: packing off
-and on by default) the stage's `train()` fine-tunes the student with the recipe from `--params` and `--set`, and the
-evaluate stage's code has the merged model answer the held-out sentences. Prints one table; runs on CPU or GPU.
+The post's labelled sentences (or redistill's labelled JSONL), one row per distinct sentence, are split by sentence
+hash: the `--holdout` sentences with the smallest ids are the held-out test set, the rest train; the post's own 20
+test sentences (`--post-test`) are taken out of both and scored on their own. Each variant (params overrides: the
+demo's LoRA by default) is trained once per seed by the stage's `train()` with the recipe from `--params` and `--set`;
+the evaluate stage's code then has the trained model answer each test set under each decoding (`--decode`: greedy by
+default). Prints one table (means over the seeds, with their range); runs on CPU or GPU.
 
-    python bench/quality.py --student models/base --data sft_dataset.json --params demo/params.yaml --out q.json
+    python bench/quality.py --student demo/models/base --data sft_dataset.json --post-test all_tests.json \
+        --params demo/params.yaml --variant 'full={"train": {"method": "full"}}' --out q.json
 
-`--set train.packing=true` and the like change one key of the recipe (docs/training.md has the whole command).
+`--set train.packing=true` and the like change one key of the recipe (docs/training.md has more).
 """
 
 import argparse
@@ -28,13 +31,22 @@ from redistill.student import StudentParams
 from redistill.train_params import TrainParams
 from redistill.training import train
 
-DEFAULT_VARIANTS = ('padded={"packing": false}', 'packed={"packing": true}')
+DEFAULT_VARIANTS = ('lora={"train": {"method": "lora"}}',)
+GREEDY = "greedy={}"
 
 
 def holdout_split(rows: list[dict], size: int) -> tuple[list[dict], list[dict]]:
     """(train, test): the ``size`` rows with the smallest sentence ids (hashes) are the test set."""
     ordered = sorted(rows, key=lambda row: row["id"])
     return ordered[size:], ordered[:size]
+
+
+def distinct(rows: list[dict]) -> list[dict]:
+    """The first row of each sentence (the post's data repeats some sentences up to 8 times)."""
+    seen: dict[str, dict] = {}
+    for row in rows:
+        seen.setdefault(row["id"], row)
+    return list(seen.values())
 
 
 def parse_settings(settings: list[str]) -> dict:
@@ -50,35 +62,64 @@ def parse_settings(settings: list[str]) -> dict:
     return overrides
 
 
-def run_variant(params: dict, overrides: dict, train_rows, test_rows, workdir: Path) -> dict:
-    params = with_overrides(params, {"train": overrides})
+def named(specs: list[str]) -> dict[str, dict]:
+    """``NAME={params overrides as JSON}`` specs by name."""
+    return {name: json.loads(overrides or "{}") for name, _, overrides in (spec.partition("=") for spec in specs)}
+
+
+def train_once(params: dict, train_rows: list[dict], workdir: Path) -> dict:
+    """The train stage's training with these params; the trained folder is ``workdir/adapter``."""
     train_params = load_block(TrainParams, "train", params)
     student = load_block(StudentParams, "student", params)
-    eval_params = load_block(EvalParams, "evaluate", params)
-    system_prompt = student.prompt(teacher_prompt(params))
-    adapter = workdir / "adapter"
-    train_metrics, trained = train(
-        train_params, student, system_prompt, train_rows, [], adapter, workdir / "checkpoints", log_dir=None
+    metrics, trained = train(
+        train_params,
+        student,
+        student.prompt(teacher_prompt(params)),
+        train_rows,
+        [],
+        workdir / "adapter",
+        workdir / "checkpoints",
+        log_dir=None,
     )
     del trained
-    texts = [row["text"] for row in test_rows]
-    outputs, seconds = student_outputs(load_trained(str(adapter)), texts, eval_params, workdir.name)
-    golds = [answer_text(row["triples"]) for row in test_rows]
+    return metrics
+
+
+def answer(loaded, params: dict, rows: list[dict], workdir: Path, name: str) -> dict:
+    """The evaluate stage's scores of ``loaded`` on ``rows`` under these params' decoding; answers to a file."""
+    eval_params = load_block(EvalParams, "evaluate", params)
+    outputs, seconds = student_outputs(loaded, [row["text"] for row in rows], eval_params, name)
+    golds = [answer_text(row["triples"]) for row in rows]
     answers = [
-        {"id": row["id"], "gold": gold, "answer": output.text}
-        for row, gold, output in zip(test_rows, golds, outputs, strict=True)
+        {"id": row["id"], "text": row["text"], "gold": gold, "answer": output.text}
+        for row, gold, output in zip(rows, golds, outputs, strict=True)
     ]
-    write_jsonl(workdir / "answers.jsonl", answers)
-    return {"train": train_metrics, "eval": model_metrics(golds, outputs, seconds)}
+    write_jsonl(workdir / f"answers-{name}.jsonl", answers)
+    return model_metrics(golds, outputs, seconds)
+
+
+def run_variant(params: dict, train_rows: list[dict], tests: dict, decodings: dict, workdir: Path) -> dict:
+    """Train once, then score every test set under every decoding."""
+    result = {"train": train_once(params, train_rows, workdir), "eval": {}}
+    loaded = load_trained(str(workdir / "adapter"))
+    for decoding, overrides in decodings.items():
+        decoded = with_overrides(params, overrides)
+        result["eval"][decoding] = {
+            test: answer(loaded, decoded, rows, workdir, f"{decoding}-{test}") for test, rows in tests.items()
+        }
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student", required=True, help="folder of the student (the demo's: models/base)")
     parser.add_argument("--data", required=True, help="labelled JSONL, or the post's JSON list of {text, gold_re}")
+    parser.add_argument("--post-test", help="the post's 20 test sentences (all_tests.json): scored on their own")
     parser.add_argument("--params", default="params.yaml", help="the recipe (the demo's: demo/params.yaml)")
     parser.add_argument("--set", action="append", default=[], help="section.key=value over --params; repeatable")
-    parser.add_argument("--variant", action="append", help="NAME={train overrides as JSON}; repeatable")
+    parser.add_argument("--variant", action="append", help="NAME={params overrides as JSON}, trained; repeatable")
+    parser.add_argument("--decode", action="append", help="NAME={params overrides}, decoded per variant; repeatable")
+    parser.add_argument("--seeds", default="17,18", help="train.seed of each run of a variant (comma-separated)")
     parser.add_argument("--holdout", type=int, default=100)
     parser.add_argument("--train-sentences", type=int, help="train on this many of the rest (default: all)")
     parser.add_argument("--work", default="quality-work")
@@ -86,35 +127,55 @@ def main() -> None:
     args = parser.parse_args()
 
     params = bench_params(Path(args.student).resolve(), parse_settings(args.set), source=args.params)
-    train_rows, test_rows = holdout_split(labelled_rows(args.data), args.holdout)
+    post_test = distinct(labelled_rows(args.post_test)) if args.post_test else []
+    never_trained = {row["id"] for row in post_test}
+    rows = [row for row in distinct(labelled_rows(args.data)) if row["id"] not in never_trained]
+    train_rows, holdout = holdout_split(rows, args.holdout)
     train_rows = train_rows[: args.train_sentences]
-    results = {"device": device_name(), "torch": torch.__version__}
-    results |= {"train_sentences": len(train_rows), "test_sentences": len(test_rows), "settings": args.set}
-    for variant in args.variant or DEFAULT_VARIANTS:
-        name, _, overrides = variant.partition("=")
-        workdir = Path(args.work).resolve() / name
-        started = time.monotonic()
-        results[name] = run_variant(params, json.loads(overrides), train_rows, test_rows, workdir)
-        results[name]["seconds"] = time.monotonic() - started
-        write_json(args.out, results)
-        print(name, json.dumps(results[name]["eval"]["exact"]), flush=True)
+    tests = {"holdout": holdout} | ({"post20": post_test} if post_test else {})
+    decodings = named(args.decode or [GREEDY])
+    results = {"device": device_name(), "torch": torch.__version__, "settings": args.set, "runs": {}}
+    results |= {"train_sentences": len(train_rows), "tests": {name: len(rows) for name, rows in tests.items()}}
+    for variant, overrides in named(args.variant or list(DEFAULT_VARIANTS)).items():
+        for seed in (int(seed) for seed in args.seeds.split(",")):
+            run = f"{variant}-seed{seed}"
+            started = time.monotonic()
+            seeded = with_overrides(with_overrides(params, overrides), {"train": {"seed": seed}})
+            results["runs"][run] = run_variant(seeded, train_rows, tests, decodings, Path(args.work).resolve() / run)
+            results["runs"][run] |= {"variant": variant, "seed": seed, "seconds": time.monotonic() - started}
+            write_json(args.out, results)  # what has run so far survives a later run's failure
+            print(run, json.dumps({d: e["holdout"]["exact"]["f1"] for d, e in results["runs"][run]["eval"].items()}))
     print(table(results))
 
 
+def spread(values: list[float]) -> str:
+    """The mean, and the range over the seeds."""
+    mean = sum(values) / len(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
 def table(results: dict) -> str:
+    """One row per variant and decoding: each test set's exact F1 (mean over seeds, range), and on the held-out
+    sentences lenient F1, exact P and R, the share of answers ended at EOS and of well-formed lines."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in results["runs"].values():
+        for decoding, scores in run["eval"].items():
+            groups.setdefault((run["variant"], decoding), []).append(scores)
+    tests = list(results["tests"])
     lines = [
-        f"{results['device']}, torch {results['torch']}: {results['train_sentences']} train, "
-        f"{results['test_sentences']} held-out sentences",
-        "| variant | exact F1 | lenient F1 | final train loss | train s | tokens/s |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, result in results.items():
-        if isinstance(result, dict) and "eval" in result:
-            scores, trained = result["eval"], result["train"]
-            lines.append(
-                f"| {name} | {scores['exact']['f1']:.3f} | {scores['lenient']['f1']:.3f} | {trained['final_loss']:.3f} "
-                f"| {trained['runtime_seconds']:.0f} | {trained['tokens_per_second']:,.0f} |"
-            )
+        f"{results['device']}, torch {results['torch']}: {results['train_sentences']} train sentences; "
+        + ", ".join(f"{name} {count}" for name, count in results["tests"].items()),
+        "| variant | decoding | " + " | ".join(f"{test} exact F1" for test in tests)
+        + " | lenient F1 | P | R | ended at EOS | well-formed |",
+        "|---|---|" + "---:|" * (len(tests) + 5),
+    ]  # fmt: skip
+    for (variant, decoding), runs in groups.items():
+        held = [run["holdout"] for run in runs]
+        cells = [spread([run[test]["exact"]["f1"] for run in runs]) for test in tests]
+        cells += [spread([h["lenient"]["f1"] for h in held])]
+        cells += [spread([h["exact"][key] for h in held]) for key in ("precision", "recall")]
+        cells += [spread([h[key] for h in held]) for key in ("ended_at_eos_share", "well_formed_share")]
+        lines.append(f"| {variant} | {decoding} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
