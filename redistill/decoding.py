@@ -39,8 +39,7 @@ class Decoding:
     )
     min_votes: int = setting(
         1,
-        "with `samples` > 1: how many of them must hold a triple (compared as exact F1 compares them) to keep it; "
-        "at most `samples`",
+        "with `samples` > 1: of how many a triple must be part (as exact F1 compares them); at most `samples`",
         positive,
     )
     seed: int = setting(
