@@ -43,8 +43,8 @@ SYNC_EVERY = 8
 @dataclass(frozen=True)
 class Generation:
     text: str
-    ended: bool  # stopped at an end-of-turn token before max_new_tokens
-    new_tokens: int
+    ended: bool  # stopped at an end-of-turn token before max_new_tokens (samples: most of them did)
+    new_tokens: int  # the answer's tokens (samples: the total of the samples', the tokens decoded for it)
 
 
 def shared_prefix_length(prompts: list[list[int]]) -> int:
