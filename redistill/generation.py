@@ -333,6 +333,9 @@ class RowSearch:
 
 # A score that takes a candidate out of the running, as transformers' beam search adds it.
 OUT = -1.0e9
+# transformers' default: a sentence's search ends once its best running beam can't beat its finished ones; True ends
+# it at its first `num_beams` finished ones.
+EARLY_STOPPING = False
 
 
 class BeamSearch:
@@ -525,7 +528,7 @@ class Generator:
         """The search over ``prompts`` prompts (of which the first ``count`` are real), each as its rows."""
         decoding, pad = self.decoding, self.tokenizer.pad_token_id
         if decoding.num_beams > 1:
-            return BeamSearch(prompts, count, decoding.num_beams, self.max_new_tokens, stops, pad)
+            return BeamSearch(prompts, count, decoding.num_beams, self.max_new_tokens, stops, pad, EARLY_STOPPING)
         pick = greedy if decoding.temperature == 0 else sampler(decoding.temperature, self._random)
         return RowSearch(prompts * decoding.rows, count * decoding.rows, self.max_new_tokens, stops, pad, pick)
 

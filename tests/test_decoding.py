@@ -116,21 +116,27 @@ def beams_stopping_early(chosen, model, tokenizer) -> list[int]:
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
-@pytest.mark.parametrize(("beams", "batch_size"), [(2, 2), (3, 9), (4, 40)])
-def test_beam_search_gives_transformers_beam_search_answers(tiny, beams, batch_size, static):
-    """transformers' generate(num_beams=k, do_sample=False, early_stopping=False, length_penalty=1.0), one sentence
+@pytest.mark.parametrize(
+    ("beams", "batch_size", "early_stopping"), [(2, 2, False), (3, 9, False), (4, 40, False), (3, 9, True)]
+)
+def test_beam_search_gives_transformers_beam_search_answers(
+    tiny, beams, batch_size, early_stopping, static, monkeypatch
+):
+    """transformers' generate(num_beams=k, do_sample=False, early_stopping=..., length_penalty=1.0), one sentence
     at a time, against beams side by side in batches (rows of finished sentences leaving a growing cache)."""
     import torch
 
+    import redistill.generation as generation
     from redistill.prompts import prompt_ids
 
+    monkeypatch.setattr(generation, "EARLY_STOPPING", early_stopping)
     model, tokenizer = tiny
     chosen = generator(tiny, max_new_tokens=20, batch_size=batch_size, static=static, num_beams=beams)
     chosen.stops = beams_stopping_early(chosen, model, tokenizer)
     expected = []
     for text in TEXTS:
         ids = torch.tensor([prompt_ids(tokenizer, text, SYSTEM)])
-        search = {"num_beams": beams, "do_sample": False, "early_stopping": False, "length_penalty": 1.0}
+        search = {"num_beams": beams, "do_sample": False, "early_stopping": early_stopping, "length_penalty": 1.0}
         output = model.generate(
             input_ids=ids, max_new_tokens=20, eos_token_id=chosen.stops, pad_token_id=tokenizer.eos_token_id, **search
         )
