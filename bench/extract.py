@@ -6,7 +6,9 @@ In one process on one GPU, on the same sentences, each with a fixed number of ne
 - redistill's generator on the adapter merged in memory (what `redistill extract --model ADAPTER` runs), at several
   batch sizes; on the adapter left unmerged; on the folder `redistill merge` wrote;
 - `redistill extract` end to end on the merged folder (reading the input, writing JSONL), load time apart;
-- a torch.profiler table of one batch of the fastest path.
+- a torch.profiler table of one batch of the fastest path;
+- with ``--decodings``, the generator at the fastest batch size under each named decoding setting (structured,
+  samples, beams: bench/decoding.py's SETTINGS), its batch counted in rows as evaluate.batch_size.
 
 Random weights never emit EOS, so every answer runs to ``--new-tokens``: real answers stop earlier, and finished rows
 leave the batch, so real runs are faster than these. Llama-3-8B's weights can't be downloaded here; the model is built
@@ -26,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_random_llama3_8b
+from decoding import SETTINGS
 
 from redistill.cli import main as redistill
 from redistill.generation import Generator
@@ -66,10 +69,15 @@ def timed(function) -> tuple[object, float]:
     return result, time.perf_counter() - started
 
 
-def generator_run(name, model, tokenizer, texts: list[str], new_tokens: int, batch_size: int, static=None) -> dict:
+def generator_run(
+    name, model, tokenizer, texts: list[str], new_tokens: int, batch_size: int, static=None, decoding=None
+) -> dict:
     """``static``: None is the default (CUDA graphs on a GPU), False the growing cache that drops finished rows."""
-    generator = Generator(model, tokenizer, DEFAULT_SYSTEM_PROMPT, new_tokens, batch_size, static=static)
-    generator.generate(texts[:batch_size], progress=False)  # warm-up: kernels, cuBLAS handles, prefix, graph capture
+    decoding = decoding or SETTINGS["greedy"]
+    generator = Generator(
+        model, tokenizer, DEFAULT_SYSTEM_PROMPT, new_tokens, batch_size, static=static, decoding=decoding
+    )
+    generator.generate(texts[: generator.sentences_per_batch], progress=False)  # warm-up: kernels, graph capture
     torch.cuda.reset_peak_memory_stats()
     outputs, seconds = timed(lambda: generator.generate(texts, progress=False))
     row = report(name, len(texts), seconds, sum(o.new_tokens for o in outputs), batch_size=batch_size)
@@ -154,6 +162,7 @@ def main() -> None:
     parser.add_argument("--post-sentences", type=int, default=16)
     parser.add_argument("--before", help="an earlier redistill/generation.py to time as the starting point")
     parser.add_argument("--rank", type=int, default=256, help="LoRA rank (the train stage's default)")
+    parser.add_argument("--decodings", help="comma-separated names of bench/decoding.py's SETTINGS to time too")
     parser.add_argument("--work", default="bench-work")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -188,6 +197,13 @@ def main() -> None:
     results["graph_vs_growing_cache_identical_answers"] = f"{same}/{len(texts)}"
     print(f"identical answers, growing cache vs graph: {same}/{len(texts)}", flush=True)
     profile(model, tokenizer, texts, args.new_tokens, best["batch_size"], Path(args.out).with_suffix(".profile.txt"))
+    for setting in args.decodings.split(",") if args.decodings else []:
+        name = f"adapter merged in memory, static cache + CUDA graph, batch {best['batch_size']} rows, {setting}"
+        decoding = SETTINGS[setting]
+        runs.append(
+            generator_run(name, model, tokenizer, texts, args.new_tokens, best["batch_size"], decoding=decoding)
+        )
+        save(args.out, results)
     del model, extractor
     torch.cuda.empty_cache()
 

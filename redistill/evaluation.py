@@ -8,8 +8,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from redistill.decoding import Decoding
 from redistill.generation import Generation, Generator
-from redistill.params import distinct, each, naming, one_of, param, positive
+from redistill.params import ParamError, distinct, each, naming, one_of, param, positive
 from redistill.prompts import answer_text
 from redistill.scoring import score
 from redistill.triples import parse_answer
@@ -29,8 +30,16 @@ class EvalParams:
     )
     max_new_tokens: int = param("the answer cap, as in the post", positive)
     batch_size: int = param(
-        "sentences generated together (on a GPU more is faster, see BENCHMARKS.md; memory grows with it)", positive
+        "answers decoded together (on a GPU more is faster, see BENCHMARKS.md; memory grows with it); a sentence "
+        "decoded as `decoding.samples` or `decoding.num_beams` rows takes that many",
+        positive,
     )
+    decoding: Decoding = param("how each answer is decoded (the defaults: greedy)")
+
+    def validate(self) -> None:
+        error = self.decoding.error(lambda name: f"evaluate.decoding.{name}")
+        if error is not None:
+            raise ParamError(f"params.yaml: {error}")
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,12 @@ def model_metrics(golds: list[str], outputs: list[Generation], seconds: float) -
 def student_outputs(student: "LoadedModel", texts: list[str], params: EvalParams, name: str):
     started = time.monotonic()
     generator = Generator(
-        student.model, student.tokenizer, student.system_prompt, params.max_new_tokens, params.batch_size
+        student.model,
+        student.tokenizer,
+        student.system_prompt,
+        params.max_new_tokens,
+        params.batch_size,
+        decoding=params.decoding,
     )
     outputs = generator.generate(texts, desc=name)
     return outputs, time.monotonic() - started
@@ -96,7 +110,10 @@ def evaluate(params: EvalParams, test: list[dict], load_student) -> tuple[dict, 
         student = load_student(name)
         outputs[name] = student_outputs(student, texts, params, name)
         del student
-    return scored(test, outputs)
+    metrics, rows = scored(test, outputs)
+    for name in params.models:  # what produced the scores, beside them
+        metrics[name]["decoding"] = params.decoding.settings()
+    return metrics, rows
 
 
 def score_lines(metrics: dict) -> list[str]:

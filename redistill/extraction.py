@@ -8,6 +8,7 @@ A sidecar `<output>.run.json` records what produced the output, so a different r
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from redistill import paths
+from redistill.decoding import GREEDY, Decoding
 from redistill.errors import PipelineError
 from redistill.io import jsonl_values, write_json
 from redistill.sentences import sentence_id, split_sentences
@@ -34,6 +36,8 @@ DELIMITERS = {"csv": ",", "tsv": "\t"}
 COLUMNS = ("id", "sentence", "source", "triples", "ended")
 # Sentences per written chunk: long enough to sort into well-filled batches, short enough to lose little on a kill.
 CHUNK_BATCHES = 8
+# What a sidecar written before extract recorded its decoding means: greedy, as every run then decoded.
+RUN_BEFORE_DECODING = {"decoding": GREEDY.settings()}
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ class Output:
                 f"{self.path} exists and is not a redistill extract output (no {self.sidecar.name}); "
                 "choose another --output or remove it"
             )
-        earlier = json.loads(self.sidecar.read_text())
+        earlier = RUN_BEFORE_DECODING | json.loads(self.sidecar.read_text())
         changed = [key for key in run if earlier.get(key) != run[key]]
         if changed:
             raise PipelineError(
@@ -205,6 +209,7 @@ def extract(args: argparse.Namespace) -> None:
 
     if (args.batch_size is not None and args.batch_size < 1) or args.max_new_tokens < 1:
         raise PipelineError("--batch-size and --max-new-tokens must be positive")
+    decoding = decoding_of(args)
     device = pick_device(args.device)
     batch_size = args.batch_size or (256 if device.startswith("cuda") else 32)
     sentences = read_inputs(args.inputs, args.input_format, args.field)
@@ -214,6 +219,7 @@ def extract(args: argparse.Namespace) -> None:
         "system_prompt": args.system_prompt,
         "quantization": args.quantization,
         "max_new_tokens": args.max_new_tokens,
+        "decoding": decoding.settings(),
     }
     output = Output(args.output, output_format(args.output, args.format), run)
     pending = [sentence for sentence in sentences if sentence.key not in output.done]
@@ -229,12 +235,13 @@ def extract(args: argparse.Namespace) -> None:
         args.system_prompt or extractor.system_prompt,
         args.max_new_tokens,
         batch_size,
+        decoding=decoding,
     )
     fitting = fit_context(pending, generator, extractor.context - args.max_new_tokens)
-    written = 0
+    written, chunk_size = 0, generator.sentences_per_batch * CHUNK_BATCHES
     with tqdm(total=len(fitting), desc="extract", unit="sentence", file=sys.stderr) as bar:
-        for start in range(0, len(fitting), batch_size * CHUNK_BATCHES):
-            chunk = fitting[start : start + batch_size * CHUNK_BATCHES]
+        for start in range(0, len(fitting), chunk_size):
+            chunk = fitting[start : start + chunk_size]
             generations = generator.generate([sentence.text for sentence in chunk], progress=False)
             output.write([record(sentence, answer) for sentence, answer in zip(chunk, generations, strict=True)])
             written += len(chunk)
@@ -275,6 +282,30 @@ def record(sentence: Sentence, generation: "Generation") -> dict:
     }
 
 
+def option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    """One option per decoding setting, its default and help from its declaration (evaluate.decoding's too)."""
+    group = parser.add_argument_group("decoding", "how each answer is decoded (default: greedy)")
+    for field in dataclasses.fields(Decoding):
+        help_text = field.metadata["help"].replace("`", "").replace("%", "%%") + "; default: %(default)s"
+        if field.type is bool:
+            kind = {"action": argparse.BooleanOptionalAction}
+        else:
+            kind = {"type": field.type, "metavar": field.type.__name__.upper()}
+        group.add_argument(option(field.name), default=field.default, help=help_text, **kind)
+
+
+def decoding_of(args: argparse.Namespace) -> Decoding:
+    decoding = Decoding(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Decoding)})
+    error = decoding.error(option)
+    if error is not None:
+        raise PipelineError(error)
+    return decoding
+
+
 def add_parser(commands) -> None:
     parser = commands.add_parser(
         "extract", help="extract triples from text with the trained student", description=__doc__.split("\n\n")[0]
@@ -291,6 +322,12 @@ def add_parser(commands) -> None:
     parser.add_argument("--system-prompt", help="default: the instruction the model was trained with")
     parser.add_argument("--quantization", choices=("none", "nf4"), default="none", help="nf4: 4-bit (GPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--batch-size", type=int, help="sentences per batch (default 256 on GPU, 32 on CPU)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="answers decoded together (default 256 on GPU, 32 on CPU); a sentence takes "
+        "--samples or --num-beams of them",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    add_decoding_options(parser)
     parser.set_defaults(run=extract)

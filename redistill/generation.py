@@ -1,10 +1,16 @@
-"""Batched greedy generation: evaluate and extract both answer sentences through `Generator.generate`.
+"""Batched generation: evaluate and extract both answer sentences through `Generator.generate`.
 
 Every prompt starts with the same system turn, so its keys and values are computed once and copied into each
 batch: only each sentence's own tokens are prefilled. Batches are cut from prompts sorted by length (little
 padding, placed between the shared prefix and each sentence), and one loop decodes every batch: it picks each
-row's next token from the model's logits (greedy argmax today), records it, and every few steps stops once all
-rows have said an end-of-turn token.
+row's next token from the model's logits, records it, and every few steps stops once all rows have said an
+end-of-turn token.
+
+How the next token is picked is a `Decoding` (redistill/decoding.py; the defaults are greedy): a `RowSearch`
+takes the likeliest token of each row or samples it (self-consistency: each sentence decoded as several rows,
+whose answers vote), a `BeamSearch` keeps the likeliest beams of each sentence and reorders the cache's rows
+after them; `structured` puts a `TripleGrammar` under either (redistill/structured.py): it masks the tokens that
+would break a `head|relation|tail` line before the choice.
 
 The loop runs over one of two KV caches, which differ only in how a step's inputs reach the model:
 - `GrowingCache` (the CPU's): the cache and attention mask grow by concatenation, and rows that finished leave the
@@ -13,17 +19,21 @@ The loop runs over one of two KV caches, which differ only in how a step's input
   by the GPU (profiled in BENCHMARKS.md). There the batch keeps a fixed size and a static KV cache at fixed
   addresses, and one decoding step is captured once as a CUDA graph and replayed: one launch a step, and no cache
   growing by concatenation. Finished rows stay (a graph's tensors cannot shrink); their tokens are not recorded.
+  The graph returns the logits: the token is chosen outside it, and beam search's reordering copies rows within
+  the fixed buffers.
 """
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
+from redistill.decoding import GREEDY, Decoding, distinct_triples, triples_text, vote
 from redistill.prompts import prompt_ids, stop_token_ids
+from redistill.structured import GrammarState, TripleGrammar
 
 # Checking whether every row has finished makes the host wait for the GPU; doing it every few steps lets the
 # host queue the next steps' kernels meanwhile. The same check drops finished rows from a growing cache.
@@ -33,8 +43,8 @@ SYNC_EVERY = 8
 @dataclass(frozen=True)
 class Generation:
     text: str
-    ended: bool  # stopped at an end-of-turn token before max_new_tokens
-    new_tokens: int
+    ended: bool  # stopped at an end-of-turn token before max_new_tokens (samples: most of them did)
+    new_tokens: int  # the answer's tokens (samples: the total of the samples', the tokens decoded for it)
 
 
 def shared_prefix_length(prompts: list[list[int]]) -> int:
@@ -95,6 +105,14 @@ class Prefill:
     input_ids: torch.Tensor  # the suffixes, left-padded
     filled: torch.Tensor  # which columns of input_ids hold tokens
     positions: torch.Tensor
+    repeat: int = 1  # rows of the batch that decode each suffix (its samples or beams), one after the other
+
+    def repeated(self) -> "Prefill":
+        """The same inputs with each row repeated ``repeat`` times."""
+        if self.repeat == 1:
+            return self
+        rows = {name: getattr(self, name).repeat_interleave(self.repeat, 0) for name in ("input_ids", "filled")}
+        return replace(self, **rows, positions=self.positions.repeat_interleave(self.repeat, 0), repeat=1)
 
 
 class DecodingCache(Protocol):
@@ -109,6 +127,10 @@ class DecodingCache(Protocol):
         """Keep only the rows ``alive``; False where the batch keeps its size (the loop then keeps every row)."""
         ...
 
+    def reorder(self, source: torch.Tensor) -> None:
+        """Row ``i`` goes on from what row ``source[i]`` has seen so far (beam search)."""
+        ...
+
 
 class GrowingCache:
     """A dynamic cache whose attention mask grows by one column a step, and from which finished rows leave."""
@@ -117,13 +139,20 @@ class GrowingCache:
         self.model = model
 
     def prefill(self, inputs: Prefill) -> torch.Tensor:
+        """Each suffix's forward once; its samples or beams then copy its cache rows."""
         rows, device = len(inputs.input_ids), inputs.input_ids.device
         self.cache = copy.deepcopy(inputs.prefix_cache)
         self.cache.batch_repeat_interleave(rows)
         prefix_mask = torch.ones((rows, inputs.prefix_length), dtype=torch.long, device=device)
         self.mask = torch.cat([prefix_mask, inputs.filled.long()], 1)
         self.positions = inputs.positions
-        return last_logits(self.model, inputs.input_ids, self.mask, self.positions, self.cache)
+        logits = last_logits(self.model, inputs.input_ids, self.mask, self.positions, self.cache)
+        if inputs.repeat == 1:
+            return logits
+        self.cache.batch_repeat_interleave(inputs.repeat)
+        self.mask = self.mask.repeat_interleave(inputs.repeat, 0)
+        self.positions = self.positions.repeat_interleave(inputs.repeat, 0)
+        return logits.repeat_interleave(inputs.repeat, 0)
 
     def step(self, next_tokens: torch.Tensor) -> torch.Tensor:
         self.positions = self.positions[:, -1:] + 1
@@ -135,6 +164,10 @@ class GrowingCache:
         self.cache.batch_select_indices(alive)
         self.mask, self.positions = self.mask[alive], self.positions[alive]
         return True
+
+    def reorder(self, source: torch.Tensor) -> None:
+        self.cache.reorder_cache(source)
+        self.mask, self.positions = self.mask[source], self.positions[source]
 
 
 @dataclass
@@ -184,7 +217,9 @@ class StaticGraphCache:
         return last_logits(self.model, self.input_ids, self.mask, self.positions, self.cache)
 
     def prefill(self, inputs: Prefill) -> torch.Tensor:
-        """The prefix copied into every row, then the suffixes' forward under a causal 4D mask of its own."""
+        """The prefix copied into every row, then the suffixes' forward under a causal 4D mask of its own (each
+        row's own: the rows of one suffix's samples or beams are prefilled each, the batch's size is fixed)."""
+        inputs = inputs.repeated()
         prefix_length, width, device = inputs.prefix_length, inputs.input_ids.shape[1], inputs.input_ids.device
         blocked = torch.finfo(self.mask.dtype).min
         for layer, prefix_layer in zip(self.cache.layers, inputs.prefix_cache.layers, strict=True):
@@ -218,12 +253,192 @@ class StaticGraphCache:
     def drop(self, alive: torch.Tensor) -> bool:
         return False  # fixed addresses: finished rows keep decoding, unrecorded
 
+    def reorder(self, source: torch.Tensor) -> None:
+        """Copied within the fixed buffers (the graph reads them there), up to the last column written."""
+        for layer in self.cache.layers:
+            layer.keys[:, :, : self.column] = layer.keys[source, :, : self.column]
+            layer.values[:, :, : self.column] = layer.values[source, :, : self.column]
+        self.mask.copy_(self.mask[source])
+        self.positions.copy_(self.positions[source])
+
+
+# Choosing the next tokens
+
+
+def sampler(temperature: float, generator: torch.Generator):
+    """Each row's next token drawn from softmax(logits / temperature), from ``generator``'s stream."""
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.softmax(logits.float() / temperature, -1)
+        return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+
+    return sample
+
+
+class Search(Protocol):
+    """How the loop turns a step's logits into every row's next token, and what it keeps of them.
+
+    ``allowed`` (rows x vocabulary, or None: all) holds the tokens the row may say next. After ``choose``,
+    ``source`` says which row each row now continues (None: itself), for the cache to be reordered after it."""
+
+    source: torch.Tensor | None
+
+    def choose(self, logits: torch.Tensor, allowed: torch.Tensor | None, step: int) -> torch.Tensor: ...
+
+    def alive(self) -> torch.Tensor:
+        """Whether each row still decodes."""
+        ...
+
+    def drop(self, alive: torch.Tensor) -> None:
+        """Keep only the rows ``alive`` (indices), as the cache did."""
+        ...
+
+    def answers(self, count: int) -> list[list[int]]:
+        """The new tokens of the first ``count`` answers (sentences' rows for a `RowSearch`, sentences for a
+        `BeamSearch`), each up to its stop token or the cap."""
+        ...
+
+
+class RowSearch:
+    """Each row is one answer: its token picked by ``pick`` (greedy or a sampler) and recorded until it says a stop
+    token. Rows from ``real`` on fill a static batch up: finished from the start."""
+
+    source = None
+
+    def __init__(self, rows: int, real: int, max_new_tokens: int, stops: torch.Tensor, pad: int, pick) -> None:
+        device = stops.device
+        self.pick, self.stops, self.pad = pick, stops, pad
+        self.answering = torch.arange(rows, device=device)  # which batch row each cache row still answers
+        self.tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.finished[real:] = True
+
+    def choose(self, logits: torch.Tensor, allowed: torch.Tensor | None, step: int) -> torch.Tensor:
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, -math.inf)
+        next_tokens = self.pick(logits)
+        self.tokens[self.answering, step] = torch.where(self.finished, self.pad, next_tokens)
+        self.finished |= torch.isin(next_tokens, self.stops)
+        return next_tokens
+
+    def alive(self) -> torch.Tensor:
+        return ~self.finished
+
+    def drop(self, alive: torch.Tensor) -> None:
+        self.answering, self.finished = self.answering[alive], self.finished[alive]
+
+    def answers(self, count: int) -> list[list[int]]:
+        return self.tokens[:count].tolist()
+
+
+# A score that takes a candidate out of the running, as transformers' beam search adds it.
+OUT = -1.0e9
+# transformers' default: a sentence's search ends once its best running beam can't beat its finished ones; True ends
+# it at its first `num_beams` finished ones.
+EARLY_STOPPING = False
+
+
+class BeamSearch:
+    """Beam search as transformers' (`num_beams`, `do_sample=False`, `length_penalty=1.0`), each prompt's beams
+    side by side in the batch (row = prompt * beams + beam).
+
+    Per step, over every beam's log-probabilities plus its running score, the top ``2 * beams`` continuations of
+    each prompt (more where several tokens stop): those that said a stop token (or reached the cap) are offered to
+    the prompt's finished hypotheses, scored by log-probability per new token (the stop token counted), and the
+    best ``beams`` that did not stop go on. A prompt is done once it has ``beams`` finished hypotheses and its best
+    running beam, at its length so far, would score no better than the worst of them (``early_stopping`` False,
+    transformers' default), or as soon as it has them (True). Its answer is its best finished hypothesis.
+    ``allowed`` masks the log-probabilities, as a transformers logits processor would."""
+
+    def __init__(
+        self,
+        prompts: int,
+        real: int,
+        beams: int,
+        max_new_tokens: int,
+        stops: torch.Tensor,
+        pad: int,
+        early_stopping: bool = False,
+    ) -> None:
+        device = stops.device
+        self.beams, self.max_new_tokens, self.stops, self.early_stopping = beams, max_new_tokens, stops, early_stopping
+        self.candidates = max(2, 1 + len(stops)) * beams
+        self.first = torch.arange(self.candidates, device=device) < beams  # the candidates that may finish
+        self.answering = torch.arange(prompts, device=device)  # the prompts still searching
+        self.running = torch.full((prompts, beams, max_new_tokens), pad, dtype=torch.long, device=device)
+        self.running_scores = torch.zeros((prompts, beams), device=device)
+        self.running_scores[:, 1:] = OUT  # the beams start equal: only the first one's continuations count
+        self.best = self.running.clone()  # the finished hypotheses of every prompt, best first
+        self.best_scores = torch.full((prompts, beams), OUT, device=device)
+        self.best_filled = torch.zeros((prompts, beams), dtype=torch.bool, device=device)
+        self.improvable = torch.ones(prompts, dtype=torch.bool, device=device)
+        self.improvable[real:] = False  # a static batch's filler prompts are done from the start
+        self.source: torch.Tensor | None = None
+
+    def choose(self, logits: torch.Tensor, allowed: torch.Tensor | None, step: int) -> torch.Tensor:
+        prompts, beams, vocab = len(self.answering), self.beams, logits.shape[-1]
+        log_probs = torch.log_softmax(logits.float(), -1)
+        if allowed is not None:
+            log_probs = log_probs.masked_fill(~allowed, -math.inf)
+        scores = (log_probs.view(prompts, beams, vocab) + self.running_scores[:, :, None]).view(prompts, -1)
+        top_scores, top = scores.topk(self.candidates, -1)
+        beam, token = top // vocab, top % vocab
+        sequences = self.running.gather(1, beam[:, :, None].expand(-1, -1, self.max_new_tokens))
+        sequences[:, :, step] = token
+        stopped = torch.isin(token, self.stops) | (step + 1 == self.max_new_tokens)
+
+        going_scores = top_scores + stopped * OUT
+        going = going_scores.topk(beams, -1).indices
+        self.running = sequences.gather(1, going[:, :, None].expand(-1, -1, self.max_new_tokens))
+        self.running_scores = going_scores.gather(1, going)
+        offsets = torch.arange(prompts, device=logits.device)[:, None] * beams
+        self.source = (beam.gather(1, going) + offsets).flatten()
+
+        self._offer(sequences, top_scores, stopped & self.first, step + 1)
+        return token.gather(1, going).flatten()
+
+    def _offer(self, sequences: torch.Tensor, scores: torch.Tensor, finished: torch.Tensor, length: int) -> None:
+        """Merge the candidates that just finished into the prompts' best hypotheses; then whether each prompt's
+        running beams could still do better."""
+        at = self.answering
+        best_scores, best_filled = self.best_scores[at], self.best_filled[at]
+        normalized = scores / length
+        full = best_filled.all(-1, keepdim=True) & self.early_stopping
+        normalized = normalized + (full | ~self.improvable[at][:, None] | ~finished) * OUT
+        merged_scores = torch.cat([best_scores, normalized], 1)
+        kept = merged_scores.topk(self.beams, -1).indices
+        merged = torch.cat([self.best[at], sequences], 1)
+        self.best[at] = merged.gather(1, kept[:, :, None].expand(-1, -1, self.max_new_tokens))
+        self.best_scores[at] = best_scores = merged_scores.gather(1, kept)
+        self.best_filled[at] = best_filled = torch.cat([best_filled, finished], 1).gather(1, kept)
+        best_running = self.running_scores[:, :1] / length
+        worst = torch.where(best_filled, best_scores.min(-1, keepdim=True).values, OUT)
+        self.improvable[at] &= (best_running > worst).any(-1)
+
+    def _done(self) -> torch.Tensor:
+        """Per prompt still answering."""
+        at = self.answering
+        return ~self.improvable[at] | (self.best_filled[at].all(-1) & self.early_stopping)
+
+    def alive(self) -> torch.Tensor:
+        return (~self._done()).repeat_interleave(self.beams)
+
+    def drop(self, alive: torch.Tensor) -> None:
+        prompts = alive.view(-1, self.beams)[:, 0] // self.beams
+        self.answering = self.answering[prompts]
+        self.running, self.running_scores = self.running[prompts], self.running_scores[prompts]
+
+    def answers(self, count: int) -> list[list[int]]:
+        return self.best[:count, 0].tolist()
+
 
 class Generator:
-    """Greedy answers of one model to sentences under one system prompt; the prompt's cache is built once.
+    """Answers of one model to sentences under one system prompt, decoded as ``decoding`` says (default: greedy);
+    the prompt's cache is built once.
 
-    ``static`` forces the cache kind (True: static cache and, on a GPU, CUDA graphs; False: the growing cache);
-    None chooses the static one on a GPU whose attention takes a 4D mask."""
+    ``batch_size`` counts rows: a batch holds ``batch_size // decoding.rows`` sentences (at least one), so that
+    samples or beams cost time, not memory. ``static`` forces the cache kind (True: static cache and, on a GPU,
+    CUDA graphs; False: the growing cache); None chooses the static one on a GPU whose attention takes a 4D mask."""
 
     def __init__(
         self,
@@ -234,9 +449,11 @@ class Generator:
         batch_size: int,
         *,
         static: bool | None = None,
+        decoding: Decoding = GREEDY,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.system_prompt, self.max_new_tokens, self.batch_size = system_prompt, max_new_tokens, batch_size
+        self.decoding = decoding
         self.stops = stop_token_ids(tokenizer)
         self.device = next(model.parameters()).device
         # Static batches take a 4D mask, which flash-attention does not; on the CPU there is no launch cost to save.
@@ -245,20 +462,29 @@ class Generator:
         self._prefix: list[int] | None = None
         self._prefix_cache = None
         self._static_cache: StaticGraphCache | None = None
+        self._grammar: TripleGrammar | None = None
+        self._random: torch.Generator | None = None
+
+    @property
+    def sentences_per_batch(self) -> int:
+        return max(1, self.batch_size // self.decoding.rows)
 
     def prompt_ids(self, text: str) -> list[int]:
         return prompt_ids(self.tokenizer, text, self.system_prompt)
 
     @torch.inference_mode()
     def generate(self, texts: list[str], desc: str = "generate", progress: bool = True) -> list[Generation]:
-        """The model's answer to each sentence, in the order of ``texts``."""
+        """The model's answer to each sentence, in the order of ``texts``. A sampler starts from its seed at each
+        call: the same texts in the same batches give the same answers."""
         prompts = [self.prompt_ids(text) for text in texts]
         results: list[Generation | None] = [None] * len(prompts)
+        if self.decoding.temperature > 0:
+            self._random = torch.Generator(self.device).manual_seed(self.decoding.seed)
         with tqdm(total=len(prompts), desc=desc, unit="sentence", disable=not progress) as bar:
-            batches = prompt_batches([len(prompt) for prompt in prompts], self.batch_size)
-            batch_rows = max((len(batch) for batch in batches), default=self.batch_size)  # a static batch's size
+            batches = prompt_batches([len(prompt) for prompt in prompts], self.sentences_per_batch)
+            batch_prompts = max((len(batch) for batch in batches), default=self.sentences_per_batch)  # static size
             for batch in batches:
-                answers = self._generate_batch([prompts[i] for i in batch], batch_rows)
+                answers = self._generate_batch([prompts[i] for i in batch], batch_prompts)
                 for index, generation in zip(batch, answers, strict=True):
                     results[index] = generation
                 bar.update(len(batch))
@@ -278,15 +504,15 @@ class Generator:
                 self.model(input_ids=ids, past_key_values=self._prefix_cache, use_cache=True, logits_to_keep=1)
         return len(self._prefix), self._prefix_cache
 
-    def _prefill_inputs(self, prompts: list[list[int]], rows: int) -> Prefill:
-        """The first forward's inputs for ``rows`` rows: a short batch is filled up with its last prompt, whose
-        answers are decoded but never kept."""
+    def _prefill_inputs(self, prompts: list[list[int]], prompt_rows: int) -> Prefill:
+        """The first forward's inputs for ``prompt_rows`` prompts: a short batch is filled up with its last prompt,
+        whose answers are decoded but never kept. Each decodes as ``decoding.rows`` rows."""
         prefix_length, prefix_cache = self._prefix_for(prompts)
-        suffixes = [prompt[prefix_length:] for prompt in prompts + [prompts[-1]] * (rows - len(prompts))]
+        suffixes = [prompt[prefix_length:] for prompt in prompts + [prompts[-1]] * (prompt_rows - len(prompts))]
         # padding between the shared prefix and each sentence's tokens
         input_ids, filled = left_padded(suffixes, self.tokenizer.pad_token_id, self.device)
         positions = (prefix_length + filled.long().cumsum(-1) - 1).clamp(min=prefix_length)
-        return Prefill(prefix_length, prefix_cache, input_ids, filled, positions)
+        return Prefill(prefix_length, prefix_cache, input_ids, filled, positions, self.decoding.rows)
 
     def _cache(self, rows: int, length: int) -> DecodingCache:
         if not self.static:
@@ -298,36 +524,82 @@ class Generator:
             self._static_cache = StaticGraphCache.build(self.model, rows, length, self.device)
         return self._static_cache
 
-    def _generate_batch(self, prompts: list[list[int]], batch_rows: int) -> list[Generation]:
-        """The answers to one batch: the decoding loop. ``batch_rows`` is the size of a static batch."""
-        count, pad = len(prompts), self.tokenizer.pad_token_id
-        rows = batch_rows if self.static else count
-        inputs = self._prefill_inputs(prompts, rows)
+    def _search(self, prompts: int, count: int, stops: torch.Tensor) -> Search:
+        """The search over ``prompts`` prompts (of which the first ``count`` are real), each as its rows."""
+        decoding, pad = self.decoding, self.tokenizer.pad_token_id
+        if decoding.num_beams > 1:
+            return BeamSearch(prompts, count, decoding.num_beams, self.max_new_tokens, stops, pad, EARLY_STOPPING)
+        pick = greedy if decoding.temperature == 0 else sampler(decoding.temperature, self._random)
+        return RowSearch(prompts * decoding.rows, count * decoding.rows, self.max_new_tokens, stops, pad, pick)
+
+    def _grammar_state(self, rows: int, vocabulary: int) -> GrammarState | None:
+        if not self.decoding.structured:
+            return None
+        if self._grammar is None or not self._grammar.fits(vocabulary, self.stops):
+            self._grammar = TripleGrammar.build(self.tokenizer, vocabulary, self.stops, self.device)
+        return self._grammar.start(rows, self.max_new_tokens)
+
+    def _generate_batch(self, prompts: list[list[int]], batch_prompts: int) -> list[Generation]:
+        """The answers to one batch: the decoding loop. ``batch_prompts`` is the size of a static batch."""
+        count = len(prompts)
+        prompt_rows = batch_prompts if self.static else count
+        rows = prompt_rows * self.decoding.rows
+        inputs = self._prefill_inputs(prompts, prompt_rows)
         cache = self._cache(rows, inputs.prefix_length + inputs.input_ids.shape[1] + self.max_new_tokens)
         logits = cache.prefill(inputs)
-        stops = torch.tensor(self.stops, device=self.device)
-        answering = torch.arange(rows, device=self.device)  # which batch row each cache row still answers
-        tokens = torch.full((rows, self.max_new_tokens), pad, dtype=torch.long, device=self.device)
-        finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        finished[count:] = True  # the filler rows of a static batch
+        search = self._search(prompt_rows, count, torch.tensor(self.stops, device=self.device))
+        grammar = self._grammar_state(rows, logits.shape[-1])
         for step in range(self.max_new_tokens):
-            # Where a sampler or logits processor (beam search, constrained decoding) would choose instead.
-            next_tokens = greedy(logits)
-            tokens[answering, step] = torch.where(finished, pad, next_tokens)
-            finished |= torch.isin(next_tokens, stops)
+            allowed = None if grammar is None else grammar.allowed(self.max_new_tokens - step)
+            next_tokens = search.choose(logits, allowed, step)
+            if search.source is not None:  # beam search: each row goes on from the beam it continues
+                cache.reorder(search.source)
+                if grammar is not None:
+                    grammar.reorder(search.source)
+            if grammar is not None:
+                grammar.advance(next_tokens)
             if step + 1 == self.max_new_tokens:
                 break
             if (step + 1) % SYNC_EVERY == 0:
-                alive = (~finished).nonzero().squeeze(-1)
+                alive = search.alive().nonzero().squeeze(-1)
                 if len(alive) == 0:
                     break
-                if len(alive) < len(answering) and cache.drop(alive):
-                    answering, finished, next_tokens = answering[alive], finished[alive], next_tokens[alive]
+                if len(alive) < len(next_tokens) and cache.drop(alive):
+                    search.drop(alive)
+                    if grammar is not None:
+                        grammar.drop(alive)
+                    next_tokens = next_tokens[alive]
             logits = cache.step(next_tokens)
-        return [self._decode(answer) for answer in tokens[:count].tolist()]
+        return self._combine(search, count)
+
+    def _combine(self, search: Search, count: int) -> list[Generation]:
+        """One answer per sentence: its row's, its best beam's, or its samples' vote."""
+        samples = self.decoding.samples
+        answers = [self._decode(new) for new in search.answers(count * (1 if self.decoding.num_beams > 1 else samples))]
+        if samples == 1:
+            return answers
+        return [
+            voted(answers[start : start + samples], self.decoding.min_votes)
+            for start in range(0, len(answers), samples)
+        ]
 
     def _decode(self, new: list[int]) -> Generation:
         end = next((position for position, token in enumerate(new) if token in self.stops), None)
         kept = new if end is None else new[:end]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        if self.decoding.structured:
+            if end is None and not text.endswith("\n"):  # cut at the cap mid-line: that line is not whole
+                text = text.rpartition("\n")[0]
+            text = triples_text(distinct_triples(text))
+        text = text.strip()
         return Generation(text=text, ended=end is not None, new_tokens=len(kept))
+
+
+def voted(samples: list[Generation], min_votes: int) -> Generation:
+    """One sentence's answer from its samples: the triples at least ``min_votes`` of them hold; ended when most
+    samples ended at a stop token; ``new_tokens`` the samples' total (the tokens decoded for the sentence)."""
+    return Generation(
+        text=triples_text(vote([sample.text for sample in samples], min_votes)),
+        ended=2 * sum(sample.ended for sample in samples) > len(samples),
+        new_tokens=sum(sample.new_tokens for sample in samples),
+    )
