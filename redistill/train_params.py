@@ -18,6 +18,9 @@ METHODS = ("lora", "full")
 PRESETS = {
     # The post's recipe: 4-bit QLoRA, recomputed activations, 4 x 2 padded batches, 8-bit AdamW. Fits a 16 GB card.
     "post": {
+        "method": "lora",
+        "learning_rate": 2.0e-4,
+        "epochs": 2,
         "quantization": "nf4",
         "gradient_checkpointing": True,
         "batch_size": 4,
@@ -29,6 +32,9 @@ PRESETS = {
     # bf16 LoRA, nothing recomputed, the 8 examples of a step packed into one row (no padding), fused AdamW, and a
     # checkpoint only every 500 steps: one (adapter + optimiser, 8 GB for the 8B) costs seconds. Needs ~40 GB.
     "fast": {
+        "method": "lora",
+        "learning_rate": 2.0e-4,
+        "epochs": 2,
         "quantization": "none",
         "gradient_checkpointing": False,
         "batch_size": 8,
@@ -39,12 +45,29 @@ PRESETS = {
     },
     # The post's memory savers with the step's 8 examples packed into one row: the least memory per example.
     "low_memory": {
+        "method": "lora",
+        "learning_rate": 2.0e-4,
+        "epochs": 2,
         "quantization": "nf4",
         "gradient_checkpointing": True,
         "batch_size": 8,
         "grad_accum": 1,
         "optim": "adamw_8bit",
         "packing": True,
+        "save_steps": 50,
+    },
+    # Every weight of a small student (SmolLM2-135M) trained, fp32 master weights: on the quality bench (docs/
+    # quality.md) 0.203 exact F1 greedy against LoRA's 0.186, and 0.248 with self-consistency (its decoding there).
+    "small_student": {
+        "method": "full",
+        "learning_rate": 2.0e-4,
+        "epochs": 3,
+        "quantization": "none",
+        "gradient_checkpointing": False,
+        "batch_size": 8,
+        "grad_accum": 1,
+        "optim": "adamw_torch",
+        "packing": False,
         "save_steps": 50,
     },
 }
@@ -65,11 +88,13 @@ class TrainParams:
 
     preset: str = param(
         "`post` (the post's recipe), `fast` (the highest throughput, ~40 GiB for the 8B), `low_memory` (the "
-        "least memory, under 10 GiB): fills every train key that is `null` with the preset's value "
-        "([presets](#presets)); a value you set wins. What each costs and buys: [training.md](training.md)",
+        "least memory, under 10 GiB), `small_student` (every weight of a small student such as SmolLM2-135M "
+        "trained; the best measured quality, [quality.md](quality.md)): fills every train key that is `null` with "
+        "the preset's value ([presets](#presets)); a value you set wins. What each costs and buys: "
+        "[training.md](training.md)",
         one_of(*PRESETS),
     )
-    epochs: float = param("passes over the training set (may be fractional)", positive)
+    epochs: float | None = param("passes over the training set (may be fractional)", positive)
     batch_size: int | None = param(
         "sequences per device per forward pass; tokens per optimiser step ~ `batch_size * grad_accum * sentence "
         "length`",
@@ -80,7 +105,7 @@ class TrainParams:
         "grad_accum`), so the learning rate means the same under all",
         positive,
     )
-    learning_rate: float = param("peak learning rate", positive)
+    learning_rate: float | None = param("peak learning rate", positive)
     lr_scheduler: str = param("all honour the warmup (the post's `constant` ignored it)", one_of(*SCHEDULERS))
     warmup_ratio: float = param("fraction of the steps spent warming up", in_range(0, 1))
     max_grad_norm: float = param("gradient clipping", positive)
@@ -127,7 +152,7 @@ class TrainParams:
         "an `accelerate config` YAML to launch with instead of the two keys above (CPU offload, other FSDP "
         "settings); it launches even with 1 process"
     )
-    method: str = param(
+    method: str | None = param(
         "`lora`: train a LoRA adapter (`train.lora`) on the frozen student; `full`: train every weight, for small "
         "students (fp32 master weights, bf16 autocast on a GPU; the stage then saves a whole model folder in "
         "`models/adapter/`, which evaluate, extract and merge load as they load an adapter)",

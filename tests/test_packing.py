@@ -139,7 +139,8 @@ def test_a_preset_fills_the_keys_left_null_and_a_set_key_wins():
     assert fast.optim == "adamw_torch"
     for values in PRESETS.values():  # the same examples per optimiser step: the same learning rate means the same
         assert values["batch_size"] * values["grad_accum"] == 8 and values.keys() == PRESETS["post"].keys()
-    with pytest.raises(ParamError, match=r"^params.yaml: train.preset must be one of post, fast, low_memory, got 'x'$"):
+    choices = "post, fast, low_memory, small_student"
+    with pytest.raises(ParamError, match=rf"^params.yaml: train.preset must be one of {choices}, got 'x'$"):
         tiny_train_params(preset="x")
 
 
