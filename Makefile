@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 # Stage commands in dvc.yaml call `python`: the venv's, whichever way DVC is started from here.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup demo all test lint docs push pull clean vendor-vega
+.PHONY: help setup demo sweep all test lint docs push pull clean vendor-vega
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -42,6 +42,33 @@ demo: setup demo/dvc.yaml  ## run the pipeline offline on the shipped demo corpu
 	cd demo && { [ -f dvc.lock ] || $(DVC) repro; } && { $(DVC) exp remove demo >/dev/null 2>&1; true; } \
 		&& $(DVC) exp run --name demo
 	@$(BIN)/python -m redistill.demo summary
+
+# A small grid in demo/, kept small on purpose (4 experiments, each re-running train and evaluate: about four demo
+# runs): LoRA vs full fine-tuning x greedy vs self-consistency over 8 samples. Each `dvc exp run --queue` line is one
+# experiment; widen the grid with more lines (any -S key of demo/params.yaml: train.learning_rate, train.epochs,
+# evaluate.decoding.num_beams, .structured, ...). Only the fine-tuned student is evaluated. `dvc queue start` runs
+# them one at a time in temporary copies of the git workspace: `-C dvc.lock` lends each the demo's untracked lock file,
+# so the stages a setting does not touch are skipped. The loop waits for the queue to drain, then stops the worker
+# and fails if an experiment did (`dvc queue logs NAME` shows why). A re-run replaces the sweep's experiments; the
+# queue's record of failed runs is cleared first.
+SWEEP_GREEDY := -S evaluate.decoding.samples=1 -S evaluate.decoding.temperature=0 -S evaluate.decoding.min_votes=1
+SWEEP_VOTES := -S evaluate.decoding.samples=8 -S evaluate.decoding.temperature=0.7 -S evaluate.decoding.min_votes=3
+SWEEP_KEEP := Experiment|State|train\.method|train\.learning_rate|evaluate\.decoding\.(samples|min_votes)|finetuned\.(exact|lenient)\.f1
+sweep: setup demo/dvc.yaml  ## queue and run a small grid of experiments in demo/ (lora|full x greedy|8 votes), compare them
+	@[ -f demo/dvc.lock ] || $(MAKE) demo
+	@git config user.email >/dev/null || export GIT_AUTHOR_NAME=redistill GIT_AUTHOR_EMAIL=redistill@localhost \
+		GIT_COMMITTER_NAME=redistill GIT_COMMITTER_EMAIL=redistill@localhost; \
+	cd demo && { $(DVC) exp remove sweep-lora-greedy sweep-lora-votes sweep-full-greedy sweep-full-votes \
+		>/dev/null 2>&1; $(DVC) queue remove --failed >/dev/null 2>&1; true; } && \
+	$(DVC) exp run --queue -C dvc.lock --name sweep-lora-greedy -S train.method=lora -S 'evaluate.models=[finetuned]' $(SWEEP_GREEDY) && \
+	$(DVC) exp run --queue -C dvc.lock --name sweep-lora-votes -S train.method=lora -S 'evaluate.models=[finetuned]' $(SWEEP_VOTES) && \
+	$(DVC) exp run --queue -C dvc.lock --name sweep-full-greedy -S train.method=full -S train.learning_rate=2.0e-4 -S 'evaluate.models=[finetuned]' $(SWEEP_GREEDY) && \
+	$(DVC) exp run --queue -C dvc.lock --name sweep-full-votes -S train.method=full -S train.learning_rate=2.0e-4 -S 'evaluate.models=[finetuned]' $(SWEEP_VOTES) && \
+	$(DVC) queue start --jobs 1 && \
+	while $(DVC) queue status | grep -qE '\b(Queued|Running)\b'; do sleep 15; done; \
+	$(DVC) queue stop >/dev/null; $(DVC) queue status; \
+	$(DVC) exp show --drop '.*' --keep '$(SWEEP_KEEP)'; \
+	! $(DVC) queue status | grep -qE '\bFailed\b'
 
 demo/dvc.yaml: dvc.yaml redistill/demo.py | $(VENV)/.installed  # the demo's pipeline is the project's
 	$(BIN)/python -m redistill.demo pipeline

@@ -11,6 +11,7 @@ METRICS = Path("metrics")
 PREDICTIONS = Path("data/predictions.jsonl")
 TEACHER_PREDICTIONS = Path("data/teacher_predictions.jsonl")
 TEST_GRAPH = Path("data/test_graph.html")  # gold and predicted triples of the test split, drawn
+ERRORS = Path("data/errors.md")  # the test sentences where the graphed student and the teacher disagree most
 BASE_MODEL = Path("models/base")
 ADAPTER = Path("models/adapter")
 CHECKPOINTS = Path("models/checkpoints")

@@ -2,7 +2,8 @@
 
 Writes data/predictions.jsonl, metrics/eval.json, metrics/f1.json and metrics/answers.json (drawn by `dvc plots
 show`), and data/test_graph.html, the test split's gold and predicted triples as a knowledge graph (open it in a
-browser).
+browser), and data/errors.md, the sentences where that student and the teacher disagree most, their gold and
+predicted triples side by side.
 """
 
 from redistill import paths
@@ -13,6 +14,7 @@ from redistill.io import read_jsonl, write_json, write_jsonl
 from redistill.models import load_student, load_trained
 from redistill.params import load_block, read_params_file
 from redistill.prompts import teacher_prompt
+from redistill.report import write_error_report
 from redistill.student import StudentParams
 
 
@@ -38,6 +40,7 @@ def main() -> None:
     write_json(paths.ANSWERS_PLOT, answer_rows)
     model = graphed_model(eval_params.models)
     write_html(gold_and_predicted_graph(test, rows, model), paths.TEST_GRAPH, f"Test split: gold and {model} triples")
+    write_error_report(paths.ERRORS, rows, model)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def test_dvc_yaml_declares_the_paths_the_stages_write():
     assert declared("evaluate") == {
         str(paths.PREDICTIONS),
         str(paths.TEST_GRAPH),
+        str(paths.ERRORS),
         str(paths.METRICS / "eval.json"),
         str(paths.F1_PLOT),
         str(paths.ANSWERS_PLOT),

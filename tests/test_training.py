@@ -253,6 +253,9 @@ def test_train_and_evaluate_stages_on_a_tiny_model(project, tmp_path, tiny_stude
     assert len(predictions) == 6 and set(predictions[0]) == {"id", "text", "gold", "base", "finetuned"}
     assert predictions[0]["gold"] == "Person200|was born in|Warsaw"
     assert "Test split: gold and finetuned triples" in Path("data/test_graph.html").read_text()
+    errors = Path("data/errors.md").read_text()  # the report's scores are the stage's
+    assert errors.startswith("# Where finetuned and the teacher disagree\n")
+    assert f"exact F1 {eval_metrics['finetuned']['exact']['f1']:.3f}, lenient F1 " in errors
     plot = json.loads(Path("metrics/f1.json").read_text())
     assert [row["model"] for row in plot] == [
         "base (exact)",
