@@ -12,7 +12,7 @@ from redistill.prompts import chat_messages
 from redistill.teacher import TeacherParams, make_limiter
 from redistill.teacher.base import Completion
 from redistill.teacher.batch import ask_batch
-from redistill.teacher.engine import AskStats, Request, ask_all, estimate_tokens
+from redistill.teacher.engine import AskStats, Request, ask_all, estimate_prompt_tokens
 from redistill.teacher.journal import TeacherJournal, request_key
 from redistill.triples import clean_label
 
@@ -24,7 +24,7 @@ def build_requests(texts: list[str], params: TeacherParams) -> list[Request]:
     for text in texts:
         messages = chat_messages(text, params.prompt)
         key = request_key(params.provider, params.model, messages, params.sampling)
-        requests.append(Request(key, messages, estimate_tokens(messages, params.max_tokens)))
+        requests.append(Request(key, messages, estimate_prompt_tokens(messages), params.max_tokens))
     return requests
 
 

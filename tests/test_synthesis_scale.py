@@ -21,7 +21,7 @@ from redistill.params import load_block
 from redistill.sentences import sentence_id
 from redistill.synthesis import build_requests, label_sentences
 from redistill.teacher import TeacherParams, make_teacher
-from redistill.teacher.engine import Request, RetryPolicy, ask_all, estimate_tokens
+from redistill.teacher.engine import Request, RetryPolicy, ask_all, estimate_prompt_tokens
 from redistill.teacher.journal import TeacherJournal
 from redistill.teacher.limiter import Limits, RateLimiter, parse_duration, retry_after_seconds
 
@@ -133,7 +133,7 @@ def test_the_limiter_keeps_under_the_servers_token_limit(keys):
         params = params_for(server, concurrency=6, max_tokens=20)
         teacher = make_teacher(params)
         text = "word " * 60  # about 60 prompt tokens + 20 reserved for the answer
-        requests = [Request(f"k{i}", [{"role": "user", "content": f"{i} {text}"}], 61 + 20) for i in range(20)]
+        requests = [Request(f"k{i}", [{"role": "user", "content": f"{i} {text}"}], 61, 20) for i in range(20)]
         limiter = RateLimiter(Limits(None, tpm, None), requests_header_is_daily=False, window=window + 0.1)
         policy = RetryPolicy(max_retries=5, backoff_base=0.01, backoff_max=0.05, concurrency=6)
         stats = asyncio.run(ask_all(requests, teacher, lambda r, c: None, policy, limiter))
@@ -154,7 +154,7 @@ def test_pacing_follows_what_the_provider_counts(keys, counts_max_tokens):
         params = params_for(server, "openai", concurrency=6, max_tokens=60)
         teacher = make_teacher(params)
         messages = [[{"role": "user", "content": f"{i} " + "word " * 20}] for i in range(count)]
-        requests = [Request(f"k{i}", m, estimate_tokens(m, params.max_tokens)) for i, m in enumerate(messages)]
+        requests = [Request(f"k{i}", m, estimate_prompt_tokens(m), params.max_tokens) for i, m in enumerate(messages)]
         limiter = RateLimiter(Limits(None, tpm, None), requests_header_is_daily=False, window=window + 0.1)
         policy = RetryPolicy(max_retries=8, backoff_base=0.01, backoff_max=0.05, concurrency=6)
         stats = asyncio.run(ask_all(requests, teacher, lambda r, c: None, policy, limiter))
