@@ -163,13 +163,11 @@ class _Asker:
     def learn_from_fault(self, error: RetryableError, reservation: Reservation | None) -> str:
         """Count a failed attempt and pace every request by it; the reason to report if it stays the last.
 
-        A 429 frees its reservation's tokens (the provider admitted nothing); any other fault keeps them whole: the
-        provider may have counted them, and over-counting only slows the run where under-counting gets 429s.
+        A 429 frees its reservation's tokens (the provider admitted nothing); any other fault keeps them whole.
         """
         self.stats.rate_limited += error.cause == "429"
         if self.limiter:
-            if error.cause == "429":
-                self.limiter.refused(reservation)
+            self.limiter.failed(reservation, refused=error.cause == "429")
             self.limiter.observe(error.headers)
             if error.retry_after:
                 self.limiter.hold(error.retry_after)

@@ -10,6 +10,7 @@ provider: a lower limit in the ``x-ratelimit-limit-*`` headers replaces the conf
 """
 
 import asyncio
+import contextlib
 import re
 import time
 from collections import deque
@@ -64,9 +65,14 @@ class Limits:
 
 @dataclass(slots=True)
 class Reservation:
-    """One request's place in the window: estimated until its answer says what the provider counted."""
+    """One request's place in the window: estimated until its answer says what the provider counted.
 
-    sent_at: float
+    It leaves the window a window after it was sent, or after its answer (or fault) came back if that is later:
+    the provider admitted it somewhere in between, and a request whose connection took long to open (the burst
+    after the first request opens a connection each) must not leave the limiter's window before the provider's.
+    """
+
+    expires: float
     prompt: int  # the prompt's estimated tokens (characters / 4), before calibration
     budget: int  # max_tokens: what the provider reserves for the answer
     counted: float | None = None  # what the provider counts against the token limit, once known
@@ -79,13 +85,14 @@ class RateLimiter:
         self.window = window  # a minute (and a little), shorter only in tests
         # Groq's x-ratelimit-*-requests headers count requests per day; OpenAI's count them per minute.
         self.requests_header_is_daily = requests_header_is_daily
-        self.recent: deque[Reservation] = deque()  # sent within the last window
+        self.recent: list[Reservation] = []  # those still in the window
         self.sent_today = 0
         self.hold_until = 0.0
         self.keeps_reservations = False  # learnt in settle(): the provider counts max_tokens, not the usage
         self.suspicions = 0  # answers in a row whose headers say the provider did not free what settle() freed
         self.ratios: deque[float] = deque(maxlen=CALIBRATION_ANSWERS)  # provider's prompt tokens / our estimate
         self.lock = asyncio.Lock()
+        self.freed = asyncio.Event()  # set when an answer or a 429 frees tokens: a waiting request looks again
 
     @property
     def scale(self) -> float:
@@ -99,23 +106,23 @@ class RateLimiter:
         return reservation.prompt * self.scale + reservation.budget
 
     def _expire(self, now: float) -> None:
-        while self.recent and now - self.recent[0].sent_at >= self.window:
-            self.recent.popleft()
+        self.recent = [entry for entry in self.recent if entry.expires > now]
 
     def _wait_needed(self, tokens: float, now: float) -> float:
         self._expire(now)
         waits = [self.hold_until - now]
-        if self.limits.rpm is not None and len(self.recent) >= self.limits.rpm:
-            waits.append(self.recent[-self.limits.rpm].sent_at + self.window - now)
-        if self.limits.tpm is not None and self.recent:
-            used = sum(self.tokens(entry) for entry in self.recent)
+        leaving = sorted(self.recent, key=lambda entry: entry.expires)  # first to leave the window first
+        if self.limits.rpm is not None and len(leaving) >= self.limits.rpm:
+            waits.append(leaving[len(leaving) - self.limits.rpm].expires - now)
+        if self.limits.tpm is not None and leaving:
+            used = sum(self.tokens(entry) for entry in leaving)
             if used + tokens > self.limits.tpm:
-                # The oldest entries must leave the window until this request fits.
+                # The first entries to leave must be gone until this request fits.
                 freed, need = 0.0, used + tokens - self.limits.tpm
-                for entry in self.recent:
+                for entry in leaving:
                     freed += self.tokens(entry)
                     if freed >= need:
-                        waits.append(entry.sent_at + self.window - now)
+                        waits.append(entry.expires - now)
                         break
         return max(waits)
 
@@ -129,8 +136,12 @@ class RateLimiter:
                     "Re-run after its daily reset: answers so far are kept"
                 )
             while (wait := self._wait_needed(prompt * self.scale + budget, time.monotonic())) > 0:
-                await asyncio.sleep(wait)
-            reservation = Reservation(time.monotonic(), prompt, budget)
+                # Until the oldest requests leave the window, or an answer in flight frees what it did not use.
+                self.freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self.freed.wait()
+            reservation = Reservation(time.monotonic() + self.window, prompt, budget)
             self.recent.append(reservation)
             self.sent_today += 1
             return reservation
@@ -147,6 +158,7 @@ class RateLimiter:
         than the provider counted them.) An answer without ``usage`` keeps its whole reservation: nothing says it
         used less.
         """
+        self._came_back(reservation)
         if prompt_tokens > 0 and reservation.prompt > 0:
             self.ratios.append(prompt_tokens / reservation.prompt)
         if prompt_tokens <= 0:
@@ -170,9 +182,17 @@ class RateLimiter:
             self.keeps_reservations = True
             reservation.counted += under_counted
 
-    def refused(self, reservation: Reservation) -> None:
-        """A 429: the provider admitted nothing, so the attempt holds no tokens (it still counts as a request)."""
-        reservation.counted = 0.0
+    def failed(self, reservation: Reservation, refused: bool) -> None:
+        """An attempt that got no answer. A 429 (``refused``): the provider admitted nothing, so it holds no tokens
+        (it still counts as a request). Any other fault keeps its tokens whole: the provider may have counted them,
+        and over-counting only slows the run where under-counting gets 429s."""
+        if refused:
+            reservation.counted = 0.0
+        self._came_back(reservation)
+
+    def _came_back(self, reservation: Reservation) -> None:
+        reservation.expires = max(reservation.expires, time.monotonic() + self.window)
+        self.freed.set()  # a request waiting for room looks again
 
     def hold(self, seconds: float) -> None:
         """Send nothing for ``seconds`` (a retry-after, or a limit the headers say is exhausted)."""
