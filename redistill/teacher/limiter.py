@@ -4,9 +4,11 @@ Each request reserves its tokens in a sliding 60-second window before it is sent
 (characters / 4) times a scale learnt from the provider, plus ``max_tokens``. The scale is the largest ratio of the
 provider's ``usage.prompt_tokens`` to the estimate among the recent answers, so whatever the provider's tokenizer
 (and its chat-template overhead), requests in flight are counted as the provider counts them. When the answer
-arrives the reservation is corrected to what the provider counts (``settle``). The limiter also learns from the
-provider: a lower limit in the ``x-ratelimit-limit-*`` headers replaces the configured one, an exhausted
-``remaining`` holds every request until its ``reset``, and a ``retry-after`` on a 429 holds them all for that long.
+arrives the reservation is corrected to what the provider counts (``settle``), and a request waiting for room looks
+again; the reservation leaves the window a window after the answer came back, if that is later than a window after
+it was sent (the provider admitted it in between). The limiter also learns from the provider: a lower limit in
+the ``x-ratelimit-limit-*`` headers replaces the configured one, an exhausted ``remaining`` holds every request
+until its ``reset``, and a ``retry-after`` on a 429 holds them all for that long.
 """
 
 import asyncio
