@@ -1,15 +1,18 @@
 """Stage synthesize: ask the teacher for the triples of each sentence -> data/labeled.jsonl.
 
-Answers go to a journal as they arrive, so an interrupted run resumes and an unchanged re-run makes no calls.
+Answers go to a journal as they arrive, so an interrupted run resumes and an unchanged re-run makes no calls. An
+unusable answer (no content, cut at max_tokens, no triple) is asked again up to teacher.reask times; sentences that
+still have none are named in one warning line.
 """
 
+import sys
 from functools import partial
 
 from redistill import paths
 from redistill.errors import run_stage
 from redistill.io import read_jsonl, write_json, write_jsonl
 from redistill.params import load_block, read_params_file
-from redistill.synthesis import label_sentences, summary_line
+from redistill.synthesis import label_sentences, summary_line, unusable_warning
 from redistill.teacher import TeacherParams, make_teacher
 from redistill.teacher.journal import TeacherJournal
 
@@ -23,6 +26,9 @@ def main() -> None:
     with TeacherJournal(paths.TEACHER_JOURNAL) as journal:
         labeled, stats = label_sentences(sentences, params, teacher_factory, journal)
     print(summary_line(stats))
+    warning = unusable_warning(stats, params)
+    if warning:
+        print(warning, file=sys.stderr)
     write_jsonl(paths.LABELED, labeled)
     write_json(paths.METRICS / "synthesize.json", stats)
 

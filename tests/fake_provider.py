@@ -5,7 +5,10 @@ Groq's SDK calls paths under /openai/v1, OpenAI's under /v1; both are served:
 - chat completions, answered by ``answer_for(text)``: a wrong key gets a real 401, a retired model Groq's 400
   ``model_decommissioned``, an unknown model a 404;
 - optional load behaviour, all off by default: latency, Groq-style rate limits (real 429s with ``retry-after`` and
-  ``x-ratelimit-*`` headers) and injected faults (5xx, hangs, dropped connections, broken or empty answers);
+  ``x-ratelimit-*`` headers) counted by a tokenizer of the provider's own (words, or characters as real tokenizers
+  count them, with a chat template's overhead per message), and injected faults: 5xx, hangs, dropped connections,
+  broken JSON; status-200 bodies that are no chat completion (``MALFORMED_BODIES``); well-formed but unusable
+  answers (``JUNK_ANSWERS``);
 - files and batches, enough for both SDKs to upload a JSONL batch, poll it and download its output and errors;
 - the list of models.
 
@@ -35,9 +38,18 @@ from urllib.parse import urlsplit
 CHAT_PATHS = ("/openai/v1/chat/completions", "/v1/chat/completions")  # for importers; routing uses API_ROOT
 API_ROOT = r"(?:/openai)?/v1"  # Groq's SDK puts every path under /openai/v1, OpenAI's under /v1
 BATCH_ENDPOINT = "/v1/chat/completions"
-FAULTS = ("500", "503", "timeout", "drop", "malformed_json", "empty_choices", "no_triples")
+# Status-200 bodies a proxy or a broken provider sends instead of a chat completion.
+MALFORMED_BODIES = ("malformed_json", "html_200", "choices_string", "no_message", "numeric_content")
+# Well-formed completions whose answer can't label the sentence ("control_chars" can, once cleaned).
+JUNK_ANSWERS = ("no_triples", "empty_answer", "null_content", "cut", "ramble", "control_chars")
+# Faults in the body of a 200: drawn for batch lines too (the others are about the connection).
+BODY_FAULTS = (*MALFORMED_BODIES, "empty_choices", *JUNK_ANSWERS)
+FAULTS = ("500", "503", "timeout", "drop", *BODY_FAULTS)
 NO_TRIPLES_ANSWER = "I could not find any relations in this text."
 MALFORMED_JSON = b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": [{"index": 0, "mess'
+HTML_PAGE = b"<!DOCTYPE html><html><head><title>Sign in to the network</title></head><body>Log in</body></html>"
+RAMBLE = "\n".join(["Let me think about the relations in this sentence, one entity at a time, carefully."] * 1450)
+REASONING = "The user wants triples. The sentence names a company and a city, so"
 MINUTE = 60.0
 DAY = 86400.0
 
@@ -48,12 +60,18 @@ def default_answer(text: str) -> str:
 
 
 def count_words(text: object) -> int:
-    """The fake's token count: whitespace-separated words, as reported in ``usage``."""
+    """The fake's token count by default: whitespace-separated words, as reported in ``usage``."""
     return len(text.split()) if isinstance(text, str) else 0
 
 
-def prompt_tokens(messages: list[dict]) -> int:
-    return sum(count_words(message.get("content")) for message in messages)
+def count_characters(scale: float = 1.0) -> Callable[[object], int]:
+    """A tokenizer that counts ``scale`` times a token per four characters: the client's estimate when 1, a
+    provider that counts 10% more when 1.1."""
+
+    def count(text: object) -> int:
+        return round(len(text) / 4 * scale) if isinstance(text, str) else 0
+
+    return count
 
 
 def go_duration(seconds: float) -> str:
@@ -381,6 +399,8 @@ class FakeProvider:
         seed: int = 0,
         minute_seconds: float = MINUTE,
         counts_max_tokens: bool = False,
+        tokenizer: Callable[[object], int] = count_words,
+        message_tokens: int = 0,
     ) -> None:
         _check_rates(latency, faults or {}, batch_error_rate)
         self.api_key = api_key
@@ -396,6 +416,10 @@ class FakeProvider:
         self.limits = SlidingWindowLimits(rpm_limit, tpm_limit, rpd_limit, minute_seconds)
         # Like Azure OpenAI: a request's prompt + max_tokens stays counted against the token limit, whatever it used.
         self.counts_max_tokens = counts_max_tokens
+        # How the provider counts tokens, in usage and against its limits: each content by ``tokenizer``, plus
+        # ``message_tokens`` a message for its chat template (real providers add about 4).
+        self.tokenizer = tokenizer
+        self.message_tokens = message_tokens
 
         # Bookkeeping for tests, guarded by self.lock (accepted by the limits' own lock).
         self.lock = threading.Lock()
@@ -466,7 +490,7 @@ class FakeProvider:
         problem = self._model_problem(body.get("model"))
         if problem:
             return Reply.json(*problem)
-        prompt = prompt_tokens(body["messages"])
+        prompt = self.prompt_tokens(body["messages"])
         reservation = prompt + int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
         admission = self.limits.admit(body["model"], reservation)
         daily = request.path.startswith("/openai/")  # Groq's SDK; OpenAI's semantics are per minute
@@ -480,9 +504,11 @@ class FakeProvider:
         reply.headers.update(self.limits.headers(daily))
         return reply
 
+    def prompt_tokens(self, messages: list[dict]) -> int:
+        return sum(self.tokenizer(message.get("content")) + self.message_tokens for message in messages)
+
     def _answer(self, request: Request, body: dict, fault: str | None) -> tuple[Reply, int]:
         """The reply to an admitted chat request, and the completion tokens it carries."""
-        model, messages = body["model"], body["messages"]
         if fault == "500":
             return Reply.error(500, "Internal Server Error", None, "internal_server_error", fault=fault), 0
         if fault == "503":
@@ -492,31 +518,73 @@ class FakeProvider:
             return Reply(drop=True, fault=fault), 0
         if fault == "drop":
             return Reply(drop=True, fault=fault), 0
+        reply, completion = self._body(body, fault)
+        if reply.fault is None or reply.fault == "control_chars":
+            with self.lock:
+                self.requests.append(body)
+                self.paths.append(request.path)
+        return reply, completion
+
+    def _body(self, body: dict, fault: str | None) -> tuple[Reply, int]:
+        """A status-200 reply: the answer, or the body fault drawn; and the completion tokens it carries. Genuine
+        answers (and "control_chars", which cleaning makes genuine) count in ``completed_texts``."""
+        model, messages = body["model"], body["messages"]
         if fault == "malformed_json":
             return Reply(200, MALFORMED_JSON, fault=fault), 0
+        if fault == "html_200":
+            return Reply(200, HTML_PAGE, content_type="text/html", fault=fault), 0
         if fault == "empty_choices":
-            return Reply.json(200, self._completion(model, messages, None), fault=fault), 0
-        if fault == "no_triples":
-            reply = Reply.json(200, self._completion(model, messages, NO_TRIPLES_ANSWER), fault=fault)
-            return reply, count_words(NO_TRIPLES_ANSWER)
+            return Reply.json(200, {**self._completion(model, messages, ""), "choices": []}, fault=fault), 0
         text = messages[-1]["content"]
         answer = self.answer_for(text)
-        with self.lock:
-            self.requests.append(body)
-            self.paths.append(request.path)
-            self.completed_texts[text] += 1
-        return Reply.json(200, self._completion(model, messages, answer)), count_words(answer)
+        if fault in MALFORMED_BODIES:
+            completion = self._completion(model, messages, answer)
+            choice = completion["choices"][0]
+            if fault == "choices_string":
+                completion["choices"] = answer
+            elif fault == "no_message":
+                choice["text"] = choice.pop("message")["content"]  # the legacy completions shape
+            else:
+                choice["message"]["content"] = 42
+            return Reply.json(200, completion, fault=fault), 0
+        content, finish_reason = self._junk(fault, answer)
+        if fault in (None, "control_chars"):
+            with self.lock:
+                self.completed_texts[text] += 1
+        completion = self._completion(model, messages, content, finish_reason)
+        if fault == "null_content":
+            completion["choices"][0]["message"]["reasoning"] = REASONING  # where a reasoning model spent its budget
+        return Reply.json(200, completion, fault=fault), self.tokenizer(content)
 
-    def _completion(self, model: str, messages: list[dict], answer: str | None) -> dict:
-        """A chat completion; ``answer=None`` gives one with no choices at all."""
-        prompt, completion = prompt_tokens(messages), count_words(answer)
-        choice = {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+    @staticmethod
+    def _junk(fault: str | None, answer: str) -> tuple[str | None, str]:
+        """The content and finish_reason of a well-formed answer: the genuine one, or the junk ``fault`` names."""
+        if fault == "no_triples":
+            return NO_TRIPLES_ANSWER, "stop"
+        if fault == "empty_answer":
+            return "", "stop"
+        if fault == "null_content":
+            return None, "length"
+        if fault == "cut":
+            return answer[: len(answer) // 2], "length"
+        if fault == "ramble":
+            return RAMBLE, "stop"  # 120 KB: a proxy that ignores max_tokens
+        if fault == "control_chars":  # bold parts, a NUL inside the head, a bell at the end
+            head, rest = answer.split("|", 1)
+            parts = [f"{head[:1]}\x00{head[1:]}", *rest.split("|")]
+            return "|".join(f"\x1b[1m{part}\x1b[0m" for part in parts) + "\x07", "stop"
+        return answer, "stop"
+
+    def _completion(self, model: str, messages: list[dict], content: str | None, finish_reason: str = "stop") -> dict:
+        """A chat completion with one choice."""
+        prompt, completion = self.prompt_tokens(messages), self.tokenizer(content)
+        choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}
         return {
             "id": f"chatcmpl-{next(self._completion_ids)}",  # itertools.count is atomic under the GIL
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [] if answer is None else [choice],
+            "choices": [choice],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
         }
 
@@ -635,8 +703,9 @@ class FakeProvider:
             job.error_file_id = self._store(f"{job.id}_error.jsonl", "batch_output", jsonl(failed)).id
         job.request_counts = {"total": len(job.lines), "completed": len(answered), "failed": len(failed)}
 
-    def _batch_answer(self, body: dict) -> tuple[int, dict]:
-        """One batch line's status and response body. Batch lines do not count against the rate limits."""
+    def _batch_answer(self, body: dict) -> tuple[int, object]:
+        """One batch line's status and response body; the body faults apply (a body that is not JSON comes as a
+        string). Batch lines do not count against the rate limits."""
         problem = self._model_problem(body.get("model"))
         if problem:
             return problem
@@ -644,12 +713,12 @@ class FakeProvider:
             failed = self._random.random() < self.batch_error_rate
         if failed:
             return 500, error_body("Internal Server Error", None, "internal_server_error")
-        messages = body.get("messages") or []
-        text = messages[-1]["content"]
-        answer = self.answer_for(text)
-        with self.lock:
-            self.completed_texts[text] += 1
-        return 200, self._completion(body["model"], messages, answer)
+        fault, _ = self._draw_fault_and_delay()
+        reply, _ = self._body(body, fault if fault in BODY_FAULTS else None)
+        try:
+            return 200, json.loads(reply.body)
+        except ValueError:
+            return 200, reply.body.decode()
 
 
 def _check_rates(latency: tuple[float, float], faults: dict[str, float], batch_error_rate: float) -> None:

@@ -10,7 +10,18 @@ import groq
 import httpx
 import openai
 import pytest
-from fake_provider import NO_TRIPLES_ANSWER, FakeProvider, default_answer, go_duration
+from fake_provider import (
+    HTML_PAGE,
+    JUNK_ANSWERS,
+    NO_TRIPLES_ANSWER,
+    REASONING,
+    FakeProvider,
+    count_characters,
+    default_answer,
+    go_duration,
+)
+
+from redistill.triples import clean_label
 
 MODEL = "teacher-model"
 KEY = "test-key"
@@ -162,15 +173,67 @@ def test_failing_faults_reach_the_client_as_errors(fault, expected):
     assert server.requests == [] and not server.completed_texts
 
 
-@pytest.mark.parametrize("fault", ["empty_choices", "no_triples"])
-def test_answer_faults_are_well_formed_but_useless(fault):
+def raw_chat(server: FakeProvider, text: str = "Alice lives in Paris.") -> httpx.Response:
+    """A chat request as bytes on the wire, for bodies no SDK would parse."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 64}
+    return httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+
+
+@pytest.mark.parametrize("fault", ["html_200", "choices_string", "no_message", "numeric_content"])
+def test_malformed_bodies_come_with_status_200(fault):
+    with FakeProvider(faults={fault: 1.0}) as server:
+        response = raw_chat(server)
+    assert response.status_code == 200
+    if fault == "html_200":
+        assert response.headers["content-type"] == "text/html" and response.content == HTML_PAGE
+    else:
+        choices = response.json()["choices"]
+        assert {
+            "choices_string": lambda: choices == "Alice|is followed by|Paris",
+            "no_message": lambda: "message" not in choices[0] and choices[0]["text"] == "Alice|is followed by|Paris",
+            "numeric_content": lambda: choices[0]["message"]["content"] == 42,
+        }[fault]()
+    assert server.status_counts == {fault: 1} and server.requests == [] and not server.completed_texts
+
+
+@pytest.mark.parametrize("fault", ["empty_choices", *JUNK_ANSWERS])
+def test_junk_answers_are_well_formed_but_useless(fault):
     with FakeProvider(faults={fault: 1.0}) as server:
         completion = ask(openai_client(server))
+    genuine = default_answer("Alice lives in Paris.")
     if fault == "empty_choices":
         assert completion.choices == []
-    else:
-        assert completion.choices[0].message.content == NO_TRIPLES_ANSWER
-    assert server.status_counts == {fault: 1} and server.requests == [] and not server.completed_texts
+        return
+    choice = completion.choices[0]
+    content, finish_reason = choice.message.content, choice.finish_reason
+    expected = {
+        "no_triples": (NO_TRIPLES_ANSWER, "stop"),
+        "empty_answer": ("", "stop"),
+        "null_content": (None, "length"),
+        "cut": (genuine[: len(genuine) // 2], "length"),
+    }
+    if fault in expected:
+        assert (content, finish_reason) == expected[fault]
+    elif fault == "ramble":
+        assert len(content) > 120_000 and "|" not in content and finish_reason == "stop"
+    else:  # control characters and terminal escapes inside a genuine triple
+        assert "\x1b[" in content and "\x00" in content and clean_label(content).triples == [tuple(genuine.split("|"))]
+    if fault == "null_content":
+        assert choice.message.model_extra["reasoning"] == REASONING
+    assert completion.usage.completion_tokens == len((content or "").split())
+    assert server.status_counts == {fault: 1}
+    assert server.completed_texts == (Counter(["Alice lives in Paris."]) if fault == "control_chars" else Counter())
+
+
+def test_a_provider_counts_tokens_its_own_way():
+    system, user = "You extract triples.", "Alice lives in Paris, France."
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    counted = round(len(system) / 4 * 1.1) + round(len(user) / 4 * 1.1) + 2 * 4
+    with FakeProvider(tpm_limit=1000, tokenizer=count_characters(1.1), message_tokens=4) as server:
+        completion = openai_client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=50)
+    answer_tokens = round(len(default_answer(user)) / 4 * 1.1)
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (counted, answer_tokens)
+    assert [tokens for _, tokens in server.accepted] == [counted + answer_tokens]  # the limits count the same way
 
 
 def test_faults_are_drawn_per_request_and_repeat_with_the_seed():
@@ -306,6 +369,25 @@ def test_failed_batch_lines_go_to_the_error_file(sdk):
     assert statuses == {"sentence-0": 500, "sentence-1": 500, "sentence-2": 500, "sentence-3": 500, "sentence-4": 404}
     assert all("error" in line["response"]["body"] for line in errors)
     assert not server.completed_texts
+
+
+def test_batch_lines_get_the_body_faults():
+    faults = {"html_200": 0.25, "numeric_content": 0.25, "empty_choices": 0.25, "500": 0.25}
+    with FakeProvider(batch_seconds=0.2, faults=faults, seed=4) as server:
+        client = openai_client(server)
+        batch, _ = run_batch(client, batch_file(TEXTS * 4))
+        bodies = [line["response"]["body"] for line in download(client, batch.output_file_id)]
+    assert len(bodies) == 20  # a "500" is about the connection: a batch line does not get it
+    kinds = Counter(
+        "html"
+        if isinstance(body, str)
+        else "empty"
+        if not body["choices"]
+        else type(body["choices"][0]["message"]["content"]).__name__
+        for body in bodies
+    )
+    assert set(kinds) == {"html", "empty", "int", "str"} and kinds["str"] == sum(server.completed_texts.values())
+    assert all(body == HTML_PAGE.decode() for body in bodies if isinstance(body, str))
 
 
 def test_a_batch_file_with_a_bad_line_fails_validation():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, write_jsonl
-from fake_provider import FakeProvider
+from fake_provider import JUNK_ANSWERS, MALFORMED_BODIES, FakeProvider, count_characters, default_answer
 
 from redistill.errors import PipelineError
 from redistill.io import read_jsonl
@@ -21,9 +21,9 @@ from redistill.params import load_block
 from redistill.sentences import sentence_id
 from redistill.synthesis import build_requests, label_sentences
 from redistill.teacher import TeacherParams, make_teacher
-from redistill.teacher.engine import Request, RetryPolicy, ask_all, estimate_tokens
+from redistill.teacher.engine import Request, RetryPolicy, ask_all, estimate_prompt_tokens
 from redistill.teacher.journal import TeacherJournal
-from redistill.teacher.limiter import Limits, RateLimiter, parse_duration, retry_after_seconds
+from redistill.teacher.limiter import Limits, RateLimiter, Reservation, parse_duration, retry_after_seconds
 
 MODEL = "teacher-model"
 FAULT_MIX = {"500": 0.06, "503": 0.06, "timeout": 0.05, "drop": 0.05, "malformed_json": 0.04, "empty_choices": 0.04}
@@ -111,7 +111,7 @@ def most_in_any_window(times: list[float], window: float) -> int:
 
 
 def test_the_limiter_keeps_under_the_servers_request_limit(keys):
-    window, limit = 1.5, 8
+    window, limit = 1.0, 8
     with FakeProvider(rpm_limit=limit, minute_seconds=window, latency=(0.05, 0.1)) as server:
         params = params_for(server, concurrency=6)
         teacher = RecordingTeacher(make_teacher(params))
@@ -128,12 +128,12 @@ def test_the_limiter_keeps_under_the_servers_request_limit(keys):
 
 
 def test_the_limiter_keeps_under_the_servers_token_limit(keys):
-    window, tpm = 1.5, 400
+    window, tpm = 1.0, 400
     with FakeProvider(tpm_limit=tpm, minute_seconds=window) as server:
         params = params_for(server, concurrency=6, max_tokens=20)
         teacher = make_teacher(params)
         text = "word " * 60  # about 60 prompt tokens + 20 reserved for the answer
-        requests = [Request(f"k{i}", [{"role": "user", "content": f"{i} {text}"}], 61 + 20) for i in range(20)]
+        requests = [Request(f"k{i}", [{"role": "user", "content": f"{i} {text}"}], 61, 20) for i in range(20)]
         limiter = RateLimiter(Limits(None, tpm, None), requests_header_is_daily=False, window=window + 0.1)
         policy = RetryPolicy(max_retries=5, backoff_base=0.01, backoff_max=0.05, concurrency=6)
         stats = asyncio.run(ask_all(requests, teacher, lambda r, c: None, policy, limiter))
@@ -146,7 +146,7 @@ def test_pacing_follows_what_the_provider_counts(keys, counts_max_tokens):
     # Azure OpenAI counts prompt + max_tokens whatever an answer used; Groq counts the tokens used. Following the
     # usage field against the first sends more than its window holds (5 to 16% 429s): the limiter must follow the
     # provider's x-ratelimit-remaining-tokens, and against the second keep shrinking reservations to the usage.
-    window, tpm, count = 1.0, 800, 80
+    window, tpm, count = 1.0, 1600, 80
     provider = FakeProvider(
         tpm_limit=tpm, minute_seconds=window, latency=(0.02, 0.05), counts_max_tokens=counts_max_tokens
     )
@@ -154,13 +154,56 @@ def test_pacing_follows_what_the_provider_counts(keys, counts_max_tokens):
         params = params_for(server, "openai", concurrency=6, max_tokens=60)
         teacher = make_teacher(params)
         messages = [[{"role": "user", "content": f"{i} " + "word " * 20}] for i in range(count)]
-        requests = [Request(f"k{i}", m, estimate_tokens(m, params.max_tokens)) for i, m in enumerate(messages)]
+        requests = [Request(f"k{i}", m, estimate_prompt_tokens(m), params.max_tokens) for i, m in enumerate(messages)]
         limiter = RateLimiter(Limits(None, tpm, None), requests_header_is_daily=False, window=window + 0.1)
         policy = RetryPolicy(max_retries=8, backoff_base=0.01, backoff_max=0.05, concurrency=6)
         stats = asyncio.run(ask_all(requests, teacher, lambda r, c: None, policy, limiter))
     assert stats.answered == count
     assert server.status_counts.get(429, 0) <= 0.02 * server.attempts
     assert limiter.keeps_reservations == counts_max_tokens
+
+
+SYSTEM = "Extract every relation in the text as one triple head|relation|tail per line. " * 20  # ~400 tokens
+
+
+@pytest.mark.parametrize("scale", [1.1, 0.9])
+def test_pacing_calibrates_to_a_provider_that_counts_its_own_way(keys, scale):
+    # The provider counts 10% more (or less) than characters / 4, plus 4 tokens a message: 12% more (8% less) than
+    # the estimate. Uncalibrated, the in-flight requests it under-counts get 429s (2 of 40 here), and the headers'
+    # under-count passes for a provider that keeps max_tokens counted, which halves the pace for the rest of the run.
+    window, tpm, count = 1.0, 6000, 40
+    counting = {"tokenizer": count_characters(scale), "message_tokens": 4}
+    with FakeProvider(tpm_limit=tpm, minute_seconds=window, latency=(0.02, 0.05), **counting) as server:
+        params = params_for(server, concurrency=8, max_tokens=60)
+        messages = [
+            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": s["text"]}] for s in rows(count)
+        ]
+        requests = [Request(f"k{i}", m, estimate_prompt_tokens(m), 60) for i, m in enumerate(messages)]
+        limiter = RateLimiter(Limits(None, tpm, None), requests_header_is_daily=True, window=window + 0.1)
+        policy = RetryPolicy(max_retries=8, backoff_base=0.01, backoff_max=0.05, concurrency=8)
+        stats = asyncio.run(ask_all(requests, make_teacher(params), lambda r, c: None, policy, limiter))
+        counted = max(server.prompt_tokens(m) / estimate_prompt_tokens(m) for m in messages)
+    assert stats.answered == count and server.status_counts.get(429, 0) == 0
+    assert limiter.scale == pytest.approx(counted, rel=0.01) and not limiter.keeps_reservations
+
+
+def test_the_limiter_reserves_what_the_provider_will_count():
+    limiter = RateLimiter(Limits(None, 1000, None), requests_header_is_daily=True, window=60)
+    first = Reservation(time.monotonic() + 60, prompt=100, budget=50)
+    assert limiter.tokens(first) == 150  # nothing answered yet: the estimate as is
+    limiter.settle(first, prompt_tokens=120, completion_tokens=9, headers=None)
+    assert (limiter.scale, first.counted) == (1.2, 129)
+    assert limiter.tokens(Reservation(0, prompt=200, budget=50)) == 290  # 200 * 1.2 + 50
+    limiter.settle(Reservation(0, prompt=100, budget=50), prompt_tokens=105, completion_tokens=9, headers=None)
+    assert limiter.scale == 1.2  # the largest recent ratio: under-counting a request costs a 429
+    silent, refused, failed = (Reservation(0, prompt=100, budget=50) for _ in range(3))
+    limiter.settle(silent, prompt_tokens=0, completion_tokens=0, headers=None)
+    limiter.failed(refused, refused=True)
+    limiter.failed(failed, refused=False)
+    # No usage: nothing says it used less. A 429: nothing was admitted. A 503: the provider may have counted it.
+    assert [limiter.tokens(reservation) for reservation in (silent, refused, failed)] == [170, 0, 170]
+    # Each stays a window after it came back, however long ago it was sent: the provider admitted it in between.
+    assert all(reservation.expires > time.monotonic() + 59 for reservation in (first, silent, refused, failed))
 
 
 def test_retry_after_is_obeyed_by_every_request(keys):
@@ -274,30 +317,73 @@ def test_kill_9_mid_run_loses_nothing_and_reasks_nothing(tmp_path):
     assert sorted(row["text"] for row in labeled) == sorted(texts) and len(labeled) == 60
 
 
+def journal_answers(path: Path) -> list:
+    return [line["answer"] for line in map(json.loads, path.read_text().splitlines()) if "answer" in line]
+
+
+def test_junk_and_malformed_answers_end_with_every_sentence_labelled_by_a_usable_one(tmp_path):
+    sentences = rows(40)
+    faults = {fault: 0.035 for fault in (*MALFORMED_BODIES, *JUNK_ANSWERS)}  # 38.5% of answers, 11 kinds
+    with FakeProvider(faults=faults, seed=7) as server:
+        env = write_project(tmp_path, server, sentences, concurrency=4, reask=5, max_retries=8)
+        first = stage(tmp_path, env)
+        assert first.returncode == 0, first.stderr[-2000:]
+        metrics = json.loads((tmp_path / "metrics/synthesize.json").read_text())
+        attempts, labeled = server.attempts, (tmp_path / "data/labeled.jsonl").read_text()
+        second = stage(tmp_path, env)  # as a second `dvc repro` runs it
+        assert second.returncode == 0 and server.attempts == attempts  # it sent nothing
+    assert (tmp_path / "data/labeled.jsonl").read_text() == labeled
+    rows_out = read_jsonl(tmp_path / "data/labeled.jsonl")
+    assert [row["triples"] for row in rows_out] == [[default_answer(s["text"]).split("|")] for s in sentences]
+    assert not any("unusable" in row for row in rows_out) and "warning" not in first.stderr
+    assert metrics["reasked_answers"] >= 5 and metrics["unusable_answers"] == 0
+    assert metrics["retries_by_cause"]["malformed_response"] >= 5 and metrics["stripped_lines"] >= 1
+    answers = journal_answers(tmp_path / "data/teacher_journal.jsonl")
+    assert all(isinstance(answer, str) for answer in answers)
+    assert len(answers) == 40 + metrics["reasked_answers"]  # every answer kept, the unusable ones too
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
         ({"key": "wrong"}, "error: teacher rejected the API key (401: Invalid API Key); check GROQ_API_KEY"),
         ({"model": "llama3-70b-8192"}, "teacher model 'llama3-70b-8192' is not available (400: The model"),
         ({"base_url": "http://127.0.0.1:9"}, "could not reach the teacher at http://127.0.0.1:9"),
+        ({"provider": "openai", "base_url": "http://127.0.0.1:9/v1"}, "could not reach the teacher at http://127"),
     ],
 )
 def test_what_retrying_cant_fix_fails_fast_with_one_line(tmp_path, setup, message):
-    with FakeProvider() as server:
-        teacher = {"max_retries": 2, "timeout": 2.0}
-        if "model" in setup:
-            teacher["model"] = setup["model"]
-        env = write_project(tmp_path, server, rows(5), **teacher)
-        if "base_url" in setup:
-            params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-            params["teacher"]["base_url"] = setup["base_url"]
-            (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-        env["GROQ_API_KEY"] = setup.get("key", "test-key")
+    with FakeProvider(latency=(0.3, 0.3)) as server:
+        params = {key: value for key, value in setup.items() if key != "key"}
+        env = write_project(tmp_path, server, rows(40), max_retries=2, timeout=2.0, **params)
+        env |= {"GROQ_API_KEY": setup.get("key", "test-key"), "OPENAI_API_KEY": "test-key"}
         started = time.monotonic()
         result = stage(tmp_path, env)
     assert result.returncode == 1 and time.monotonic() - started < 20
-    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line: no bar, no summary, no traceback
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert server.attempts <= 1  # the first request went alone
     assert not (tmp_path / "data/labeled.jsonl").exists()
+
+
+def test_batch_mode_reasks_unusable_answers_in_batches_of_their_own(tmp_path):
+    sentences = rows(12)
+    junk = {"no_triples": 0.2, "cut": 0.1, "null_content": 0.1}
+    with FakeProvider(batch_seconds=0.2, faults={**junk, "numeric_content": 0.1, "html_200": 0.1}, seed=5) as server:
+        env = write_project(tmp_path, server, sentences, mode="batch", batch_poll_seconds=0.05, reask=4)
+        first = stage(tmp_path, env)  # a malformed line is a failure: asked again by the next run
+        assert first.returncode == 1 and "malformed_response x" in first.stderr, first.stderr[-2000:]
+        server.faults = junk
+        second = stage(tmp_path, env)
+        assert second.returncode == 0, second.stderr[-2000:]
+        batches = len(server.batches)
+        third = stage(tmp_path, env)
+        assert third.returncode == 0 and len(server.batches) == batches  # nothing left to ask
+    metrics = json.loads((tmp_path / "metrics/synthesize.json").read_text())
+    assert batches >= 3 and metrics["requests_sent"] == 0
+    labeled = read_jsonl(tmp_path / "data/labeled.jsonl")
+    assert [row["triples"] for row in labeled] == [[default_answer(s["text"]).split("|")] for s in sentences]
+    assert all(isinstance(answer, str) for answer in journal_answers(tmp_path / "data/teacher_journal.jsonl"))
 
 
 @pytest.mark.parametrize("error_rate", [0.0, 0.3])

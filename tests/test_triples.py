@@ -58,3 +58,10 @@ def test_parse_keeps_trailing_periods_for_the_scorer():
 def test_empty_answer():
     parsed = clean_label("   \n\n")
     assert parsed.triples == parsed.malformed == parsed.prose == []
+
+
+def test_control_characters_and_terminal_escapes_are_stripped_and_counted():
+    answer = "\x1b[1mAl\x00ice\x1b[0m|is\tfrom|France\x07\n\x1b]0;title\x07- Bob|works at|Acme\nC|r|D"
+    parsed = clean_label(answer)
+    assert parsed.triples == [("Alice", "is from", "France"), ("Bob", "works at", "Acme"), ("C", "r", "D")]
+    assert parsed.stripped == 2 and clean_label("A|r|\x1b[31m\x1b[0m").malformed == ["A|r|"]

@@ -26,7 +26,8 @@ class LimitParams:
         or_null(positive),
     )
     tpm: int | None = param(
-        "your plan's tokens per minute: a request's prompt + `max_tokens` are reserved before it is sent",
+        "your plan's tokens per minute: a request's prompt (as the provider counts it, learnt from its answers) + "
+        "`max_tokens` are reserved before it is sent",
         or_null(positive),
     )
     rpd: int | None = param(
@@ -68,7 +69,14 @@ class TeacherParams:
     limits: LimitParams
     timeout: float = param("seconds per request", positive)
     max_retries: int = param(
-        "retries per request on connection errors, timeouts, 408, 409, 429, 5xx, malformed or empty answers",
+        "retries per request on connection errors, timeouts, 408, 409, 429, 5xx, malformed responses and empty "
+        "choices (a well-formed but unusable answer is re-asked instead: `teacher.reask`)",
+        at_least(0),
+    )
+    reask: int = param(
+        "times an unusable answer (no content, cut at `max_tokens`, or no well-formed triple) is asked again, at "
+        "`teacher.temperature`; `0`: never. Off at temperature 0 and with `replay`, whose second answer would be "
+        "the first (docs/teacher.md)",
         at_least(0),
     )
     backoff_base: float = param(
@@ -92,6 +100,22 @@ class TeacherParams:
     @property
     def prompt(self) -> str:
         return self.system_prompt or DEFAULT_SYSTEM_PROMPT
+
+    @property
+    def reasks(self) -> int:
+        """The re-asks an unusable answer gets: ``reask``, unless the same request would get the same answer."""
+        return 0 if self.reask_off_because else self.reask
+
+    @property
+    def reask_off_because(self) -> str | None:
+        """Why re-asks are off although ``reask`` asks for some: a deterministic teacher answers the same again."""
+        if not self.reask:
+            return None
+        if self.provider == "replay":
+            return "teacher.provider is replay, which has one answer a sentence"
+        if self.temperature == 0:
+            return "teacher.temperature is 0, so the same request gets the same answer"
+        return None
 
     @property
     def retry_policy(self) -> RetryPolicy:

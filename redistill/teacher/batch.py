@@ -11,8 +11,7 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
-from redistill.io import jsonl_values
-from redistill.teacher.base import Completion
+from redistill.teacher.base import Completion, RetryableError, completion_from_body
 from redistill.teacher.engine import AskStats, Request, record_answer
 from redistill.teacher.journal import TeacherJournal
 
@@ -36,19 +35,21 @@ async def ask_batch(
     if batch_id is None:
         batch_id = await _submit(requests, teacher, window)
         journal.write({"batch": batch_id, "keys": list(by_key)})  # before polling: a re-run collects, not resubmits
-        stats.sent = len(requests)
+        stats.sent += len(requests)
     batch = await _finished(batch_id, teacher, poll_seconds, progress)
     for line in await _lines(teacher.client, batch.output_file_id):
-        request = by_key.get(line["custom_id"])
-        if request is None:
+        request = _request_of(line, by_key)
+        if request is None:  # a line without a custom_id of ours: that request has "no result", below
             continue
-        outcome = _answer_or_reason(line.get("response") or {})
+        outcome = _answer_or_reason(line.get("response"))
         if isinstance(outcome, Completion):
             record_answer(request, outcome, on_answer, stats)
         else:
             stats.failures[request.key] = outcome
     for line in await _lines(teacher.client, batch.error_file_id):
-        stats.failures[line["custom_id"]] = _error_reason(line)
+        request = _request_of(line, by_key)
+        if request is not None:
+            stats.failures[request.key] = _error_reason(line)
     for key in by_key:
         if journal.get(key) is None and key not in stats.failures:
             stats.failures[key] = f"batch {batch.status}: no result for this request"
@@ -89,30 +90,35 @@ async def _finished(batch_id: str, teacher, poll_seconds: float, progress: tqdm 
         await asyncio.sleep(poll_seconds)
 
 
-def _answer_or_reason(response: dict) -> Completion | str:
-    """An output line's response as an answer, or the reason it is none."""
-    if response.get("status_code") == 200:
-        body = response["body"]
-        if body.get("choices"):
-            choice, usage = body["choices"][0], body.get("usage") or {}
-            return Completion(
-                text=choice["message"].get("content") or "",
-                finish_reason=choice.get("finish_reason"),
-                prompt_tokens=usage.get("prompt_tokens", 0),
-                completion_tokens=usage.get("completion_tokens", 0),
-            )
-    return f"batch: status {response.get('status_code')}"
+def _request_of(line: dict, by_key: dict[str, Request]) -> Request | None:
+    custom_id = line.get("custom_id")
+    return by_key.get(custom_id) if isinstance(custom_id, str) else None
+
+
+def _answer_or_reason(response: object) -> Completion | str:
+    """An output line's response as an answer (checked as an online one is), or the reason it is none."""
+    status = response.get("status_code") if isinstance(response, dict) else None
+    if status != 200:
+        return f"batch: status {status}"
+    try:
+        return completion_from_body(response.get("body"))
+    except RetryableError as error:
+        return f"{error.cause}: {error}"
 
 
 def _error_reason(line: dict) -> str:
     """An error file line's reason, on one line."""
-    response = line.get("response") or {}
-    error = line.get("error") or (response.get("body") or {}).get("error") or {}
-    reason = f"batch {response.get('status_code', 'error')}: {error.get('message', error)}"
+    response = line.get("response") if isinstance(line.get("response"), dict) else {}
+    body = response.get("body") if isinstance(response.get("body"), dict) else {}
+    error = line.get("error") or body.get("error") or {}
+    message = error.get("message", error) if isinstance(error, dict) else error
+    reason = f"batch {response.get('status_code', 'error')}: {message}"
     return " ".join(str(reason).split())
 
 
 async def _lines(client, file_id: str | None) -> list[dict]:
+    """The JSON objects of a batch output or error file. A line that is not one is skipped: its request then has
+    "no result" and is asked again by the next run (a line that stopped the run would stop every later run too)."""
     if not file_id:
         return []
     content = await client.files.content(file_id)
@@ -120,4 +126,12 @@ async def _lines(client, file_id: str | None) -> list[dict]:
     text = content.text() if callable(content.text) else content.text
     if inspect.isawaitable(text):
         text = await text
-    return [line for _, line in jsonl_values(text, f"batch output file {file_id}")]
+    lines = []
+    for line in text.split("\n"):  # "\n" only: answers may hold U+2028, which str.splitlines() breaks at
+        try:
+            value = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, dict):
+            lines.append(value)
+    return lines

@@ -2,6 +2,8 @@
 
 Every answer is handed to ``on_answer`` as it arrives (the journal writes and fsyncs it), so a crash loses only
 what was in flight. A request that still fails after its retries is reported with its last reason, not dropped.
+The first request goes alone: a wrong key, model or URL stops the run after one request, not ``concurrency``
+of them, and its answer calibrates the limiter before the others are sent.
 """
 
 import asyncio
@@ -15,7 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from redistill.teacher.base import Completion, RetryableError, TeacherError
-from redistill.teacher.limiter import DailyLimitReached, RateLimiter
+from redistill.teacher.limiter import DailyLimitReached, RateLimiter, Reservation
 
 _CHECK_THE_NETWORK = "check teacher.base_url and the network, then re-run: nothing answered is lost"
 
@@ -24,7 +26,8 @@ _CHECK_THE_NETWORK = "check teacher.base_url and the network, then re-run: nothi
 class Request:
     key: str
     messages: list[dict]
-    tokens: int  # estimated prompt tokens + max_tokens: what the limiter reserves before sending
+    prompt_tokens: int  # estimated (estimate_prompt_tokens); the limiter scales it to what the provider counts
+    max_tokens: int = 0  # the answer budget, which the provider reserves whole until the answer is in
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,9 @@ class AskStats:
     completion_tokens: int = 0
 
 
-def estimate_tokens(messages: list[dict], max_tokens: int) -> int:
-    """About four characters a token for English, plus the whole answer budget."""
-    return sum(len(message["content"]) for message in messages) // 4 + max_tokens
+def estimate_prompt_tokens(messages: list[dict]) -> int:
+    """About four characters a token for English; the limiter learns how far the provider's count differs."""
+    return sum(len(message["content"]) for message in messages) // 4
 
 
 def record_answer(
@@ -87,8 +90,8 @@ async def ask_all(
         queue.put_nowait(request)
     try:
         async with asyncio.TaskGroup() as group:
-            for _ in range(min(policy.concurrency, len(requests))):
-                group.create_task(asker.work(queue))
+            for index in range(min(policy.concurrency, len(requests))):
+                group.create_task(asker.work(queue, first=index == 0))
     except* TeacherError as errors:
         raise errors.exceptions[0] from None
     if asker.stopped:
@@ -109,10 +112,14 @@ class _Asker:
     progress: tqdm | None
     started: float = field(default_factory=time.monotonic)
     stopped: list[DailyLimitReached] = field(default_factory=list)  # the budget ran out: let those in flight finish
+    first_done: asyncio.Event = field(default_factory=asyncio.Event)  # the first request went alone, and is done
 
-    async def work(self, queue: asyncio.Queue[Request]) -> None:
+    async def work(self, queue: asyncio.Queue[Request], first: bool = False) -> None:
+        if not first:
+            await self.first_done.wait()
         while not queue.empty() and not self.stopped:
             await self.ask(queue.get_nowait())
+            self.first_done.set()  # not when the first raised: what retrying can't fix stops every worker
             self.show_progress()
 
     async def ask(self, request: Request) -> None:
@@ -128,16 +135,16 @@ class _Asker:
                 self.settle(reservation, outcome)
                 record_answer(request, outcome, self.on_answer, self.stats)
                 return
-            reason = self.learn_from_fault(outcome)
+            reason = self.learn_from_fault(outcome, reservation)
             if attempt == self.policy.max_retries:
                 break
             self.stats.retries[outcome.cause] += 1
             await asyncio.sleep(self.policy.delay(attempt + 1, outcome.retry_after, self.rng))
         self.give_up(request, reason)
 
-    async def reserve(self, request: Request) -> list[float] | None:
+    async def reserve(self, request: Request) -> Reservation | None:
         """Wait for room under the limits and take it: the one place a request's tokens are reserved."""
-        return await self.limiter.acquire(request.tokens) if self.limiter else None
+        return await self.limiter.acquire(request.prompt_tokens, request.max_tokens) if self.limiter else None
 
     async def send(self, request: Request) -> Completion | RetryableError:
         """One attempt: the teacher's answer, or the fault worth retrying. What retrying can't fix raises."""
@@ -147,18 +154,20 @@ class _Asker:
         except RetryableError as error:
             return error
 
-    def settle(self, reservation: list[float] | None, completion: Completion) -> None:
+    def settle(self, reservation: Reservation | None, completion: Completion) -> None:
         """Correct the reservation to what the answer used, and learn the provider's limits from its headers."""
         if self.limiter:
-            self.limiter.settle(
-                reservation, completion.prompt_tokens + completion.completion_tokens, completion.headers
-            )
+            self.limiter.settle(reservation, completion.prompt_tokens, completion.completion_tokens, completion.headers)
             self.limiter.observe(completion.headers)
 
-    def learn_from_fault(self, error: RetryableError) -> str:
-        """Count a failed attempt and pace every request by it; the reason to report if it stays the last."""
+    def learn_from_fault(self, error: RetryableError, reservation: Reservation | None) -> str:
+        """Count a failed attempt and pace every request by it; the reason to report if it stays the last.
+
+        A 429 frees its reservation's tokens (the provider admitted nothing); any other fault keeps them whole.
+        """
         self.stats.rate_limited += error.cause == "429"
         if self.limiter:
+            self.limiter.failed(reservation, refused=error.cause == "429")
             self.limiter.observe(error.headers)
             if error.retry_after:
                 self.limiter.hold(error.retry_after)

@@ -1,7 +1,9 @@
 """An append-only journal of teacher answers keyed by a hash of the request: resume and re-run for free.
 
 Three kinds of line: an answer ``{"key", "answer", ...}``; a failure ``{"key", "failed": reason}`` (retried by the
-next run); a batch ``{"batch": id, "keys": [...]}`` submitted, then ``{"batch": id, "done": true}``.
+next run); a batch ``{"batch": id, "keys": [...]}`` submitted, then ``{"batch": id, "done": true}``. A re-ask of an
+unusable answer is a request of its own, keyed by ``reask_key``, so every answer stays in the journal. An answer
+line whose answer is not a string (written by an older version) is ignored: that request is asked again.
 """
 
 import hashlib
@@ -16,6 +18,11 @@ def request_key(provider: str, model: str, messages: list[dict], sampling: dict)
     """SHA-256 of everything that shapes the answer; the same request always gets the same key."""
     request = {"provider": provider, "model": model, "messages": messages, "sampling": sampling}
     return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def reask_key(key: str, reask: int) -> str:
+    """The key of re-ask number ``reask`` of the request keyed ``key``; re-ask 0 is the request itself."""
+    return key if reask == 0 else hashlib.sha256(f"{key} reask {reask}".encode()).hexdigest()
 
 
 class TeacherJournal:
@@ -45,6 +52,10 @@ class TeacherJournal:
                 raise PipelineError(
                     f"{self.path}:{number}: not valid JSON; the journal is damaged: fix or delete that line"
                 ) from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("key", entry.get("batch")), str):
+                raise PipelineError(
+                    f"{self.path}:{number}: not a journal entry; the journal is damaged: fix or delete that line"
+                )
             self._apply(entry)
             if unended:
                 self._end_last_line()
@@ -57,7 +68,7 @@ class TeacherJournal:
                 self.batches[entry["batch"]] = entry["keys"]
         elif "failed" in entry:
             self.failures[entry["key"]] = entry["failed"]
-        else:
+        elif isinstance(entry.get("answer"), str):
             self.entries[entry["key"]] = entry
             self.failures.pop(entry["key"], None)
 

@@ -2,7 +2,7 @@
 
 import inspect
 
-from redistill.teacher.base import Completion, RetryableError, TeacherError
+from redistill.teacher.base import Completion, RetryableError, TeacherError, completion_from_body
 from redistill.teacher.limiter import retry_after_seconds
 
 # Provider error codes that mean "this model name will never work".
@@ -31,25 +31,23 @@ class SdkTeacher:
         return body
 
     async def complete(self, messages: list[dict]) -> Completion:
+        """The answer to ``messages``; the body is checked by completion_from_body, never trusted to the SDK's
+        lenient parsing (which lets ``choices: "x"`` or a numeric content through as attributes)."""
         body = self.request_body(messages)
         extra = {"reasoning_effort": body.pop("reasoning_effort")} if "reasoning_effort" in body else None
         try:
             raw = await self.client.chat.completions.with_raw_response.create(**body, extra_body=extra)
-            response = raw.parse()
-            if inspect.isawaitable(response):  # groq's async raw response parses asynchronously, openai's does not
-                response = await response
+            # groq's async raw response reads asynchronously; openai's (legacy) one has read its content already
+            content = raw.read() if hasattr(raw, "read") else raw.content
+            if inspect.isawaitable(content):
+                content = await content
         except Exception as error:
             raise self.explain(error) from None
-        if not getattr(response, "choices", None):
-            raise RetryableError("empty_choices", "the answer had no choices", headers=raw.headers)
-        choice, usage = response.choices[0], response.usage
-        return Completion(
-            text=choice.message.content or "",
-            finish_reason=choice.finish_reason,
-            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-            headers=raw.headers,
-        )
+        return completion_from_body(content, raw.headers)
+
+    async def aclose(self) -> None:
+        """Close the SDK's connections inside the event loop that opened them (not at exit, with a traceback)."""
+        await self.client.close()
 
     def explain(self, error: Exception) -> TeacherError | RetryableError:
         """Sort an SDK exception into one the run must stop for, and one worth retrying."""
