@@ -13,7 +13,7 @@ from pathlib import Path
 from redistill import paths
 from redistill.errors import PipelineError
 from redistill.io import atomic_dir
-from redistill.models import adapter_base, is_adapter, load_trained, trained_with, write_trained_with
+from redistill.models import is_adapter, load_trained, trained_with, write_trained_with
 from redistill.prompts import stop_token_ids
 
 
@@ -43,11 +43,10 @@ def merge(model: str, base: str | None, output: str, device: str = "cpu") -> Non
     tokenizer.chat_template = with_default_system_prompt(tokenizer.chat_template, loaded.system_prompt)
     merged.generation_config.eos_token_id = stop_token_ids(tokenizer)
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    base = base or (adapter_base(folder) if is_adapter(folder) else trained_with(folder)["base_model"])
     with atomic_dir(output) as staging:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        write_trained_with(staging, base, loaded.system_prompt, adapter=str(model))
+        write_trained_with(staging, loaded.base_model, loaded.system_prompt, adapter=str(model))
     print(f"merged {model} into {output}", file=sys.stderr)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redistill.errors import PipelineError
+from redistill.io import write_json
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT, ensure_chat_template
 from redistill.student import StudentParams
 
@@ -26,6 +27,7 @@ class LoadedModel:
     tokenizer: object
     system_prompt: str  # the instruction it was trained with
     context: int  # tokens the model attends to: prompt plus answer must fit
+    base_model: str | None = None  # what a trained model was trained from, where that is known
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -113,8 +115,7 @@ def is_adapter(folder: Path) -> bool:
 
 def write_trained_with(folder: Path, base_model: str, system_prompt: str, **extra: str) -> None:
     """Record in ``folder`` what its model was trained with, for whoever loads it later."""
-    info = {"base_model": base_model, "system_prompt": system_prompt, **extra}
-    (Path(folder) / TRAINED_WITH).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(Path(folder) / TRAINED_WITH, {"base_model": base_model, "system_prompt": system_prompt, **extra})
 
 
 def trained_with(folder: Path) -> dict:
@@ -150,13 +151,14 @@ def load_trained(
         loaded = load_base(model, dtype, device, quantization, attention)
     has_tokenizer = (folder / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(folder) if has_tokenizer else base or resolve_model(model))
-    return _answering(loaded, tokenizer, record.get("system_prompt") or _default_prompt(folder))
+    system_prompt = record.get("system_prompt") or _default_prompt(folder)
+    return _answering(loaded, tokenizer, system_prompt, base or record.get("base_model"))
 
 
-def _answering(model, tokenizer, system_prompt: str) -> LoadedModel:
+def _answering(model, tokenizer, system_prompt: str, base_model: str | None = None) -> LoadedModel:
     model.eval()
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    return LoadedModel(model, tokenizer, system_prompt, context)
+    return LoadedModel(model, tokenizer, system_prompt, context, base_model)
 
 
 def _default_prompt(folder: Path) -> str:
