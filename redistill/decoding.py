@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from redistill.params import Check, at_least, checks_of, param, positive
 from redistill.prompts import answer_text
-from redistill.scoring import normalize_exact
+from redistill.scoring import distinct, triple_key
 from redistill.triples import Triple, parse_answer
 
 
@@ -82,17 +82,9 @@ class Decoding:
 GREEDY = Decoding()
 
 
-def triple_key(triple: Triple) -> Triple:
-    """A triple as exact scoring compares it: each part normalised (case, spacing, quotes, trailing punctuation)."""
-    return tuple(normalize_exact(part) for part in triple)
-
-
 def distinct_triples(answer: str) -> list[Triple]:
     """The triples of an answer, each once (the first spelling of each normalised triple), in order."""
-    kept: dict[Triple, Triple] = {}
-    for triple in parse_answer(answer).triples:
-        kept.setdefault(triple_key(triple), triple)
-    return list(kept.values())
+    return distinct(parse_answer(answer).triples)
 
 
 def vote(answers: list[str], min_votes: int) -> list[Triple]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redistill.io import atomic_path
-from redistill.scoring import normalize_exact, normalize_lenient, score, score_pair
+from redistill.scoring import distinct, score, score_pair, triple_key
 from redistill.triples import Triple, parse_answer
 
 LIMIT = 20  # sentences listed; the header counts all of them
@@ -46,18 +46,6 @@ def quoted(text: str) -> str:
     return f"\\{line}" if line.startswith(("#", "-", "+", "=")) else line
 
 
-def _distinct(triples: list[Triple]) -> list[Triple]:
-    """The first triple of each exact normal form, in order."""
-    seen: dict[Triple, Triple] = {}
-    for triple in triples:
-        seen.setdefault(tuple(normalize_exact(part) for part in triple), triple)
-    return list(seen.values())
-
-
-def _key(triple: Triple, normalize) -> Triple:
-    return tuple(normalize(part) for part in triple)
-
-
 def _shown(triple: Triple) -> str:
     return " | ".join(triple)
 
@@ -67,13 +55,13 @@ def sentence_errors(row: dict, model: str) -> SentenceErrors:
     gold_answer, predicted_answer = row["gold"], row[model]
     counts = score_pair(gold_answer, predicted_answer, "exact")
     predicted = parse_answer(predicted_answer)
-    golds, preds = _distinct(parse_answer(gold_answer).triples), _distinct(predicted.triples)
+    golds, preds = distinct(parse_answer(gold_answer).triples), distinct(predicted.triples)
     rows, unmatched = [], list(preds)
     for gold in golds:
-        match = next((p for p in unmatched if _key(p, normalize_exact) == _key(gold, normalize_exact)), None)
+        match = next((p for p in unmatched if triple_key(p) == triple_key(gold)), None)
         mark = EXACT
         if match is None:
-            match = next((p for p in unmatched if _key(p, normalize_lenient) == _key(gold, normalize_lenient)), None)
+            match = next((p for p in unmatched if triple_key(p, "lenient") == triple_key(gold, "lenient")), None)
             mark = LENIENT
         if match is None:
             rows.append((MISSING, _shown(gold), ""))

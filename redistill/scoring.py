@@ -61,9 +61,22 @@ class Counts:
         return {"precision": precision, "recall": recall, "f1": f1, "tp": self.tp, "fp": self.fp, "fn": self.fn}
 
 
-def triple_set(triples: list[Triple], mode: str) -> set[Triple]:
+def triple_key(triple: Triple, mode: str = "exact") -> Triple:
+    """A triple as ``mode`` scoring compares it: each part normalised."""
     normalize = NORMALIZERS[mode]
-    return {tuple(normalize(part) for part in triple) for triple in triples}
+    return tuple(normalize(part) for part in triple)
+
+
+def triple_set(triples: list[Triple], mode: str) -> set[Triple]:
+    return {triple_key(triple, mode) for triple in triples}
+
+
+def distinct(triples: list[Triple]) -> list[Triple]:
+    """Each triple once, as exact scoring counts it: the first spelling of each normal form, in order."""
+    kept: dict[Triple, Triple] = {}
+    for triple in triples:
+        kept.setdefault(triple_key(triple), triple)
+    return list(kept.values())
 
 
 def score_pair(gold: str, pred: str, mode: str) -> Counts:
