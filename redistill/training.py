@@ -182,8 +182,12 @@ def loss_log_callbacks(config, log_dir: Path | None, resumed: bool, examples: in
     from dvclive import Live
 
     live = Live(dir=str(log_dir), resume=resumed, dvcyaml=None, save_dvc_exp=False, report=None)
-    examples_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
-    return [ExamplesSeenDVCLive(examples, examples_per_step, live=live)]
+    return [ExamplesSeenDVCLive(examples, global_batch_size(config), live=live)]
+
+
+def global_batch_size(config) -> int:
+    """Examples per optimiser step, over all processes."""
+    return config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
 
 
 def lora_config(params: TrainParams):
@@ -355,9 +359,7 @@ def train_metrics(
         "resumed_from": facts["resumed_from"],
         "trainable_parameters": facts["trainable_parameters"],
         "num_processes": config.world_size,
-        "global_batch_size": config.per_device_train_batch_size
-        * config.gradient_accumulation_steps
-        * config.world_size,
+        "global_batch_size": global_batch_size(config),
         **{name: getattr(params, name) for name in RECORDED_PARAMS},
         "attention": facts["attention"],
         "device": torch.cuda.get_device_name() if env.cuda else "cpu",
