@@ -5,7 +5,10 @@ hash: the `--holdout` sentences with the smallest ids are the held-out test set,
 test sentences (`--post-test`) are taken out of both and scored on their own. Each variant (params overrides: the
 demo's LoRA by default) is trained once per seed by the stage's `train()` with the recipe from `--params` and `--set`;
 the evaluate stage's code then has the trained model answer each test set under each decoding (`--decode`: greedy by
-default). Prints one table (means over the seeds, with their range); runs on CPU or GPU.
+default). Prints one table (means over the seeds, with their range); runs on CPU or GPU. `--parallel N` trains N
+runs at once, each in its own process (a small student's steps leave a GPU idle between launches: four SmolLM2 runs
+share one GPU at nearly the speed of one); `--soup` adds, for each variant trained on every weight, the average of
+its seeds' weights as one more model (a model soup, Wortsman et al., 2022).
 
     python bench/quality.py --student demo/models/base --data sft_dataset.json --post-test all_tests.json \
         --params demo/params.yaml --variant 'full={"train": {"method": "full"}}' --out q.json
@@ -15,7 +18,11 @@ default). Prints one table (means over the seeds, with their range); runs on CPU
 
 import argparse
 import json
+import multiprocessing
+import os
+import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -100,14 +107,51 @@ def answer(loaded, params: dict, rows: list[dict], workdir: Path, name: str) -> 
 
 def run_variant(params: dict, train_rows: list[dict], tests: dict, decodings: dict, workdir: Path) -> dict:
     """Train once, then score every test set under every decoding."""
-    result = {"train": train_once(params, train_rows, workdir), "eval": {}}
+    started = time.monotonic()
+    metrics = train_once(params, train_rows, workdir)
+    return {
+        "train": metrics,
+        "eval": evaluate(workdir, params, tests, decodings),
+        "seconds": time.monotonic() - started,
+    }
+
+
+def evaluate(workdir: Path, params: dict, tests: dict, decodings: dict) -> dict:
+    """The model in ``workdir/adapter`` scored on every test set under every decoding."""
     loaded = load_trained(str(workdir / "adapter"))
-    for decoding, overrides in decodings.items():
-        decoded = with_overrides(params, overrides)
-        result["eval"][decoding] = {
-            test: answer(loaded, decoded, rows, workdir, f"{decoding}-{test}") for test, rows in tests.items()
+    return {
+        decoding: {
+            test: answer(loaded, with_overrides(params, overrides), rows, workdir, f"{decoding}-{test}")
+            for test, rows in tests.items()
         }
-    return result
+        for decoding, overrides in decodings.items()
+    }
+
+
+def score_soup(folders: list[Path], workdir: Path, params: dict, tests: dict, decodings: dict) -> dict:
+    """The soup of ``folders`` in ``workdir/adapter``, scored as a trained run is."""
+    started = time.monotonic()
+    soup(folders, workdir / "adapter")
+    return {"train": {}, "eval": evaluate(workdir, params, tests, decodings), "seconds": time.monotonic() - started}
+
+
+def logged(workdir: Path, function, *args):
+    """``function(*args)`` with this process's output in ``workdir/log.txt`` (parallel runs would interleave)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with (workdir / "log.txt").open("w") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        return function(*args)
+
+
+def soup(folders: list[Path], out: Path) -> None:
+    """A model folder whose weights are the mean of those of ``folders`` (whole models of one architecture)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folders[0], out, dirs_exist_ok=True)
+    states = [load_file(folder / "model.safetensors") for folder in folders]
+    mean = {name: sum(state[name].float() for state in states) / len(states) for name in states[0]}
+    save_file({name: mean[name].to(tensor.dtype) for name, tensor in states[0].items()}, out / "model.safetensors")
 
 
 def main() -> None:
@@ -122,6 +166,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="17,18", help="train.seed of each run of a variant (comma-separated)")
     parser.add_argument("--holdout", type=int, default=100)
     parser.add_argument("--train-sentences", type=int, help="train on this many of the rest (default: all)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs trained at once, each in its own process")
+    parser.add_argument("--soup", action="store_true", help="also score the mean of each full variant's seeds")
     parser.add_argument("--work", default="quality-work")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -136,16 +182,48 @@ def main() -> None:
     decodings = named(args.decode or [GREEDY])
     results = {"device": device_name(), "torch": torch.__version__, "settings": args.set, "runs": {}}
     results |= {"train_sentences": len(train_rows), "tests": {name: len(rows) for name, rows in tests.items()}}
-    for variant, overrides in named(args.variant or list(DEFAULT_VARIANTS)).items():
-        for seed in (int(seed) for seed in args.seeds.split(",")):
-            run = f"{variant}-seed{seed}"
-            started = time.monotonic()
-            seeded = with_overrides(with_overrides(params, overrides), {"train": {"seed": seed}})
-            results["runs"][run] = run_variant(seeded, train_rows, tests, decodings, Path(args.work).resolve() / run)
-            results["runs"][run] |= {"variant": variant, "seed": seed, "seconds": time.monotonic() - started}
-            write_json(args.out, results)  # what has run so far survives a later run's failure
-            print(run, json.dumps({d: e["holdout"]["exact"]["f1"] for d, e in results["runs"][run]["eval"].items()}))
+    runs = {
+        f"{variant}-seed{seed}": (
+            variant,
+            seed,
+            with_overrides(with_overrides(params, overrides), {"train": {"seed": seed}}),
+        )
+        for variant, overrides in named(args.variant or list(DEFAULT_VARIANTS)).items()
+        for seed in (int(seed) for seed in args.seeds.split(","))
+    }
+    work = Path(args.work).resolve()
+    with ProcessPoolExecutor(args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = {}
+        for run, (variant, seed, run_params) in runs.items():
+            job = pool.submit(logged, work / run, run_variant, run_params, train_rows, tests, decodings, work / run)
+            jobs[job] = (run, {"variant": variant, "seed": seed})
+        collect(jobs, results, args.out)
+        if args.soup:
+            jobs = {}
+            for variant, (variant_params, folders) in full_models(runs, work).items():
+                run = f"{variant}-soup"
+                job = pool.submit(logged, work / run, score_soup, folders, work / run, variant_params, tests, decodings)
+                jobs[job] = (run, {"variant": run, "seed": 0})
+            collect(jobs, results, args.out)
     print(table(results))
+
+
+def full_models(runs: dict, work: Path) -> dict[str, tuple[dict, list[Path]]]:
+    """Of each variant that trains every weight: its first run's params, and its runs' trained folders."""
+    folders: dict[str, tuple[dict, list[Path]]] = {}
+    for run, (variant, _, run_params) in runs.items():
+        if load_block(TrainParams, "train", run_params).method == "full":
+            folders.setdefault(variant, (run_params, []))[1].append(work / run / "adapter")
+    return folders
+
+
+def collect(jobs: dict, results: dict, out: str) -> None:
+    """Each job's result as it finishes, written at once: what has run so far survives a later run's failure."""
+    for job in as_completed(jobs):
+        run, facts = jobs[job]
+        results["runs"][run] = job.result() | facts
+        write_json(out, results)
+        print(run, json.dumps({d: e["holdout"]["exact"]["f1"] for d, e in results["runs"][run]["eval"].items()}))
 
 
 def spread(values: list[float]) -> str:

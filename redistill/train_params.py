@@ -6,7 +6,7 @@ docs/params.md generates from it."""
 from dataclasses import dataclass
 
 from redistill.launch import STRATEGIES
-from redistill.params import Check, check_param, in_range, one_of, param, positive, require
+from redistill.params import Check, check_param, in_range, one_of, or_null, param, positive, require
 
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_min_lr")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -109,6 +109,21 @@ class TrainParams:
     lr_scheduler: str = param("all honour the warmup (the post's `constant` ignored it)", one_of(*SCHEDULERS))
     warmup_ratio: float = param("fraction of the steps spent warming up", in_range(0, 1))
     max_grad_norm: float = param("gradient clipping", positive)
+    label_smoothing: float = param(
+        "the share of each answer token's target spread over the whole vocabulary (trl's `label_smoothing_factor`); 0: "
+        "plain cross-entropy",
+        in_range(0, 1),
+    )
+    neftune_alpha: float | None = param(
+        "NEFTune: uniform noise of scale `alpha / sqrt(length * width)` added to the input embeddings while training "
+        "(Jain et al., 2023); null: none",
+        or_null(positive),
+    )
+    loss: str = param(
+        "`nll`: cross-entropy on the answer's tokens; `dft`: each token's loss weighted by its own (detached) "
+        "probability (dynamic fine-tuning, Wu et al., 2025)",
+        one_of("nll", "dft"),
+    )
     optim: str | None = param(
         "any `transformers` optimiser name; the 8-bit ones need a CUDA GPU (bitsandbytes) and don't work with "
         "`train.distributed: fsdp`; use `adamw_torch` on CPU"

@@ -143,6 +143,7 @@ def trainer_config(params: TrainParams, env: Environment, checkpoints: Path, val
         lr_scheduler_type=params.lr_scheduler,
         warmup_steps=params.warmup_ratio,  # transformers 5 has no warmup_ratio: a float < 1 here is a fraction
         max_grad_norm=params.max_grad_norm,
+        neftune_noise_alpha=params.neftune_alpha,
         optim=params.optim,
         bf16=env.bf16,
         tf32=True if env.cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
@@ -224,6 +225,7 @@ def build_trainer(model, config, examples: Examples, tokenizer, params: TrainPar
         if "target module" not in str(error).lower():
             raise
         raise PipelineError(f"train.lora.target_modules: {error}") from None  # modules that the model does not have
+    trainer.objective = Objective.of(params)
     trainer.remove_callback(ProgressCallback)  # for LossInProgressBar
     trainer.add_callback(LossInProgressBar)
     if params.compile:
@@ -389,9 +391,37 @@ def _sort_target_modules(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What the loss of an answer token is: cross-entropy, with part of the target spread over the vocabulary
+    (label smoothing), and weighted by the token's own detached probability (DFT) if asked."""
+
+    label_smoothing: float = 0.0
+    dft: bool = False
+
+    @classmethod
+    def of(cls, params: TrainParams) -> "Objective":
+        return cls(label_smoothing=params.label_smoothing, dft=params.loss == "dft")
+
+
+def summed_token_loss(logits: torch.Tensor, targets: torch.Tensor, objective: Objective) -> torch.Tensor:
+    """The summed loss of the labelled targets (-100: none) under ``objective``."""
+    nll = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+    losses = nll
+    if objective.label_smoothing:
+        losses = torch.nn.functional.cross_entropy(
+            logits, targets, ignore_index=-100, reduction="none", label_smoothing=objective.label_smoothing
+        )
+    if objective.dft:
+        losses = losses * torch.exp(-nll).detach()
+    return losses.sum()
+
+
 class StudentTrainer(SFTTrainer):
     """trl's SFTTrainer, with batches grouped by length in the same order on every process, and the loss computed
-    from the logits of the labelled positions only."""
+    from the logits of the labelled positions only, under the train block's objective."""
+
+    objective = Objective()
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length":
@@ -411,9 +441,7 @@ class StudentTrainer(SFTTrainer):
         positions = (targets != -100).any(dim=0).nonzero().squeeze(1)
         outputs = model(**inputs, use_cache=False, logits_to_keep=positions)
         kept = targets[:, positions]
-        loss = torch.nn.functional.cross_entropy(
-            outputs.logits.float().flatten(0, 1), kept.flatten(), ignore_index=-100, reduction="sum"
-        )
+        loss = summed_token_loss(outputs.logits.float().flatten(0, 1), kept.flatten(), self.objective)
         count = num_items_in_batch if num_items_in_batch is not None else (kept != -100).sum()
         loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -83,6 +83,9 @@ def tiny_train_params(**changes) -> TrainParams:
         lr_scheduler="cosine",
         warmup_ratio=0.1,
         max_grad_norm=1.0,
+        label_smoothing=0.0,
+        neftune_alpha=None,
+        loss="nll",
         optim="adamw_torch",
         gradient_checkpointing=False,
         max_seq_length=256,
@@ -145,6 +148,39 @@ def test_training_lowers_the_loss_and_the_saved_adapter_reloads_identically(tiny
     reloaded = load_trained(str(tmp_path / "adapter"), device="cpu").model
     after = Generator(reloaded, tokenizer, DEFAULT_SYSTEM_PROMPT, 12, 2).generate(texts, progress=False)
     assert [g.text for g in before] == [g.text for g in after]
+
+
+@pytest.mark.parametrize(
+    ("objective", "against_plain"),
+    [
+        ({"label_smoothing": 0.2}, "higher"),  # a spread target is further from any prediction than a one-hot one
+        ({"loss": "dft"}, "lower"),  # each token's loss scaled by its probability, below 1
+        ({"neftune_alpha": 50.0}, "different"),  # noisy embeddings, so another loss from the first step
+    ],
+)
+def test_each_training_objective_reaches_the_trainer(tiny_student, tmp_path, objective, against_plain):
+    student = StudentParams(
+        model=str(tiny_student), system_prompt=None, chat_template_fallback=None, attn_implementation="sdpa"
+    )
+
+    def first_loss(**changes) -> float:
+        out = tmp_path / "-".join(map(str, changes.values())) if changes else tmp_path / "plain"
+        train(
+            tiny_train_params(max_steps=1, **changes),
+            student,
+            DEFAULT_SYSTEM_PROMPT,
+            labeled_rows(4),
+            [],
+            adapter_dir=out / "adapter",
+            checkpoints=out / "checkpoints",
+            log_dir=out / "log",
+        )
+        return float((out / "log/plots/metrics/loss.tsv").read_text().splitlines()[1].split("\t")[-1])
+
+    plain, changed = first_loss(), first_loss(**objective)
+    outcome = {"higher": changed > plain + 1e-3, "lower": changed < plain - 1e-3}
+    outcome["different"] = abs(changed - plain) > 1e-3
+    assert outcome[against_plain], (plain, changed)
 
 
 def test_full_fine_tuning_saves_a_whole_model_that_evaluate_extract_and_merge_load(tiny_student, tmp_path):
