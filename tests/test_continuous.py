@@ -1,7 +1,7 @@
 """Extraction speed: the shared prefix is prefilled once, and continuous batching gives batch-by-batch answers."""
 
 import pytest
-from test_decoding import TEXTS, tiny  # noqa: F401  (the fixture)
+from test_decoding import TEXTS
 from test_extract import SYSTEM, stopping_early
 
 from redistill.decoding import Decoding
