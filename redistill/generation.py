@@ -21,6 +21,9 @@ The loop runs over one of two KV caches, which differ only in how a step's input
   growing by concatenation. Finished rows stay (a graph's tensors cannot shrink); their tokens are not recorded.
   The graph returns the logits: the token is chosen outside it, and beam search's reordering copies rows within
   the fixed buffers.
+
+With `continuous` batching (`_generate_continuous`, over the static cache), all the sentences share one batch, and
+rows that finished take the next waiting sentences instead of decoding unrecorded to the end of their batch.
 """
 
 import copy
