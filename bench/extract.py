@@ -70,18 +70,19 @@ def timed(function) -> tuple[object, float]:
 
 
 def generator_run(
-    name, model, tokenizer, texts: list[str], new_tokens: int, batch_size: int, static=None, decoding=None
+    name, model, tokenizer, texts: list[str], new_tokens: int, batch_size: int, static=None, decoding=None, **options
 ) -> dict:
-    """``static``: None is the default (CUDA graphs on a GPU), False the growing cache that drops finished rows."""
+    """``static``: None is the default (CUDA graphs on a GPU), False the growing cache that drops finished rows;
+    ``options`` go to the Generator (``continuous``)."""
     decoding = decoding or SETTINGS["greedy"]
     generator = Generator(
-        model, tokenizer, DEFAULT_SYSTEM_PROMPT, new_tokens, batch_size, static=static, decoding=decoding
+        model, tokenizer, DEFAULT_SYSTEM_PROMPT, new_tokens, batch_size, static=static, decoding=decoding, **options
     )
     generator.generate(texts[: generator.sentences_per_batch], progress=False)  # warm-up: kernels, graph capture
     torch.cuda.reset_peak_memory_stats()
     outputs, seconds = timed(lambda: generator.generate(texts, progress=False))
     row = report(name, len(texts), seconds, sum(o.new_tokens for o in outputs), batch_size=batch_size)
-    return row | {"answers": [output.text for output in outputs]}
+    return row | {"answers": [output.text for output in outputs], "lengths": [o.new_tokens for o in outputs]}
 
 
 def report(name: str, sentences: int, seconds: float, new_tokens: int, **extra) -> dict:
@@ -100,7 +101,7 @@ def report(name: str, sentences: int, seconds: float, new_tokens: int, **extra) 
 
 
 def save(path: str, results: dict) -> None:
-    runs = [{key: value for key, value in run.items() if key != "answers"} for run in results["runs"]]
+    runs = [{key: value for key, value in run.items() if key not in ("answers", "lengths")} for run in results["runs"]]
     write_json(path, results | {"runs": runs})
 
 
@@ -238,6 +239,10 @@ def main() -> None:
     runs.append(report("`redistill extract` on the merged folder, end to end with loading", len(texts), seconds, 0))
     save(args.out, results)
     print(f"\n{results['device']}, {args.new_tokens} new tokens, {len(texts)} sentences")
+    print_table(runs)
+
+
+def print_table(runs: list[dict]) -> None:
     for run in runs:
         print(
             f"{run['sentences_per_second']:9.2f} sentences/s {run['seconds']:8.2f} s "

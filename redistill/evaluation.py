@@ -35,6 +35,10 @@ class EvalParams:
         positive,
     )
     decoding: Decoding = param("how each answer is decoded (the defaults: greedy)")
+    continuous_batching: bool = param(
+        "on a GPU, rows that finish take the next sentence instead of waiting for their batch's longest answer "
+        "([extract.md](extract.md#continuous-batching)); the same greedy answers; not with beam search"
+    )
 
     def validate(self) -> None:
         error = self.decoding.error(lambda name: f"evaluate.decoding.{name}")
@@ -76,6 +80,7 @@ def student_outputs(student: "LoadedModel", texts: list[str], params: EvalParams
         params.max_new_tokens,
         params.batch_size,
         decoding=params.decoding,
+        continuous=params.continuous_batching,
     )
     outputs = generator.generate(texts, desc=name)
     return outputs, time.monotonic() - started

@@ -236,6 +236,7 @@ def extract(args: argparse.Namespace) -> None:
         args.max_new_tokens,
         batch_size,
         decoding=decoding,
+        continuous=args.continuous_batching,
     )
     fitting = fit_context(pending, generator, extractor.context - args.max_new_tokens)
     written, chunk_size = 0, generator.sentences_per_batch * CHUNK_BATCHES
@@ -329,5 +330,10 @@ def add_parser(commands) -> None:
         "--samples or --num-beams of them",
     )
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--continuous-batching",
+        action="store_true",
+        help="GPU: rows that finish take the next sentence (the same greedy answers; not with --num-beams)",
+    )
     add_decoding_options(parser)
     parser.set_defaults(run=extract)

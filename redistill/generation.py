@@ -21,6 +21,9 @@ The loop runs over one of two KV caches, which differ only in how a step's input
   growing by concatenation. Finished rows stay (a graph's tensors cannot shrink); their tokens are not recorded.
   The graph returns the logits: the token is chosen outside it, and beam search's reordering copies rows within
   the fixed buffers.
+
+With `continuous` batching (`_generate_continuous`, over the static cache), all the sentences share one batch, and
+rows that finished take the next waiting sentences instead of decoding unrecorded to the end of their batch.
 """
 
 import copy
@@ -38,6 +41,9 @@ from redistill.structured import GrammarState, TripleGrammar
 # Checking whether every row has finished makes the host wait for the GPU; doing it every few steps lets the
 # host queue the next steps' kernels meanwhile. The same check drops finished rows from a growing cache.
 SYNC_EVERY = 8
+# Rows prefilled together when continuous batching gives rows new sentences: enough tokens for efficient matrix
+# products, few enough that their cache apart (every layer, the prefix copied in) stays a few GiB on an 8B model.
+ADMIT_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,7 @@ class StaticGraphCache:
     graph: object = None
     logits: torch.Tensor | None = None  # the graph's output
     column: int = 0  # the key position the next step writes
+    prefix_length: int = 0
 
     @classmethod
     @torch.inference_mode()
@@ -216,19 +223,29 @@ class StaticGraphCache:
     def forward(self) -> torch.Tensor:
         return last_logits(self.model, self.input_ids, self.mask, self.positions, self.cache)
 
+    @property
+    def blocked(self) -> float:
+        return torch.finfo(self.mask.dtype).min
+
+    def _write_prefix(self, prefix_length: int, prefix_cache) -> None:
+        """The prefix copied into every row's first columns, the only ones the rows may look at so far; the next
+        write goes after it."""
+        for layer, prefix_layer in zip(self.cache.layers, prefix_cache.layers, strict=True):
+            if prefix_length:
+                layer.keys[:, :, :prefix_length] = prefix_layer.keys
+                layer.values[:, :, :prefix_length] = prefix_layer.values
+            layer.cumulative_length.fill_(prefix_length)
+        self.mask.fill_(self.blocked)
+        self.mask[:, 0, 0, :prefix_length] = 0
+        self.prefix_length = self.column = prefix_length
+
     def prefill(self, inputs: Prefill) -> torch.Tensor:
         """The prefix copied into every row, then the suffixes' forward under a causal 4D mask of its own (each
         row's own: the rows of one suffix's samples or beams are prefilled each, the batch's size is fixed)."""
         inputs = inputs.repeated()
         prefix_length, width, device = inputs.prefix_length, inputs.input_ids.shape[1], inputs.input_ids.device
-        blocked = torch.finfo(self.mask.dtype).min
-        for layer, prefix_layer in zip(self.cache.layers, inputs.prefix_cache.layers, strict=True):
-            if prefix_length:
-                layer.keys[:, :, :prefix_length] = prefix_layer.keys
-                layer.values[:, :, :prefix_length] = prefix_layer.values
-            layer.cumulative_length.fill_(prefix_length)
-        self.mask.fill_(blocked)
-        self.mask[:, 0, 0, :prefix_length] = 0
+        blocked = self.blocked
+        self._write_prefix(prefix_length, inputs.prefix_cache)
         self.mask[:, 0, 0, prefix_length : prefix_length + width].masked_fill_(inputs.filled, 0)
         keys = torch.arange(self.mask.shape[-1], device=device)
         queries = torch.arange(prefix_length, prefix_length + width, device=device)
@@ -240,7 +257,40 @@ class StaticGraphCache:
         self.column = prefix_length + width
         return logits
 
+    def start(self, prefix_length: int, prefix_cache) -> None:
+        """Continuous batching: only the prefix is in place; rows get their sentences through `admit`. The columns
+        after the prefix are a ring: the step's column goes round them, each row's sentence and answer taking the
+        columns just before it (the cache's length leaves room for the longest sentence and answer)."""
+        self._write_prefix(prefix_length, prefix_cache)
+
+    def admit(self, rows: torch.Tensor, inputs: Prefill) -> torch.Tensor:
+        """Rows take new sentences, and these rows' logits come back: the suffixes are prefilled apart over the
+        prefix (as a growing cache prefills them: each row computes only its chunk's width, not the batch's), their
+        keys and values written into the row's columns just before the next step's, and every other column after
+        the prefix is blocked to the row. Positions continue each row's own sentence."""
+        inputs = inputs.repeated()
+        apart = GrowingCache(self.model)
+        logits = apart.prefill(inputs)
+        prefix_length, width = self.prefix_length, inputs.input_ids.shape[1]
+        ring = self.mask.shape[-1] - prefix_length
+        offsets = torch.arange(self.column - prefix_length - width, self.column - prefix_length, device=rows.device)
+        columns = prefix_length + offsets % ring
+        for layer, prefilled in zip(self.cache.layers, apart.cache.layers, strict=True):
+            # (rows, columns) index pairs around the head dimension: the written block is (rows, width, heads, dim)
+            layer.keys[rows[:, None], :, columns] = prefilled.keys[:, :, prefix_length:].transpose(1, 2)
+            layer.values[rows[:, None], :, columns] = prefilled.values[:, :, prefix_length:].transpose(1, 2)
+        mask = torch.full((len(rows), self.mask.shape[-1]), self.blocked, dtype=self.mask.dtype, device=rows.device)
+        mask[:, :prefix_length] = 0
+        mask[:, columns] = torch.where(inputs.filled, 0, self.blocked).to(mask.dtype)
+        self.mask[rows, 0, 0] = mask
+        self.positions[rows] = inputs.positions[:, -1:]
+        return logits
+
     def step(self, next_tokens: torch.Tensor) -> torch.Tensor:
+        if self.column == self.mask.shape[-1]:  # continuous batching goes round to the first column after the prefix
+            self.column = self.prefix_length
+            for layer in self.cache.layers:
+                layer.cumulative_length.fill_(self.column)
         self.input_ids.copy_(next_tokens[:, None])
         self.positions.add_(1)
         self.mask[:, 0, 0, self.column] = 0
@@ -300,32 +350,41 @@ class Search(Protocol):
 
 
 class RowSearch:
-    """Each row is one answer: its token picked by ``pick`` (greedy or a sampler) and recorded until it says a stop
-    token. Rows from ``real`` on fill a static batch up: finished from the start."""
+    """Each row answers one job (a sentence, or one of its samples) at a time: its token picked by ``pick`` (greedy
+    or a sampler) and recorded at the row's own step until it says a stop token or reaches the cap. A row holds no
+    job until it is admitted to one, and none again once it finished; rows without a job record into a scratch row.
+    A batch admits its rows to its jobs at the start; continuous batching admits finished rows to waiting jobs."""
 
     source = None
 
-    def __init__(self, rows: int, real: int, max_new_tokens: int, stops: torch.Tensor, pad: int, pick) -> None:
+    def __init__(self, rows: int, jobs: int, max_new_tokens: int, stops: torch.Tensor, pad: int, pick) -> None:
         device = stops.device
-        self.pick, self.stops, self.pad = pick, stops, pad
-        self.answering = torch.arange(rows, device=device)  # which batch row each cache row still answers
-        self.tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
-        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.finished[real:] = True
+        self.pick, self.stops, self.pad, self.max_new_tokens = pick, stops, pad, max_new_tokens
+        self.scratch = jobs
+        self.job = torch.full((rows,), jobs, dtype=torch.long, device=device)  # the job each row answers
+        self.length = torch.zeros(rows, dtype=torch.long, device=device)  # tokens of its answer so far
+        self.tokens = torch.full((jobs + 1, max_new_tokens), pad, dtype=torch.long, device=device)
+        self.finished = torch.ones(rows, dtype=torch.bool, device=device)
+
+    def admit(self, rows: torch.Tensor, jobs: torch.Tensor) -> None:
+        self.job[rows], self.length[rows], self.finished[rows] = jobs, 0, False
 
     def choose(self, logits: torch.Tensor, allowed: torch.Tensor | None, step: int) -> torch.Tensor:
         if allowed is not None:
             logits = logits.masked_fill(~allowed, -math.inf)
         next_tokens = self.pick(logits)
-        self.tokens[self.answering, step] = torch.where(self.finished, self.pad, next_tokens)
-        self.finished |= torch.isin(next_tokens, self.stops)
+        at = self.length.clamp(max=self.max_new_tokens - 1)
+        self.tokens[self.job, at] = torch.where(self.finished, self.pad, next_tokens)
+        self.length += 1
+        self.finished |= torch.isin(next_tokens, self.stops) | (self.length == self.max_new_tokens)
+        self.job = torch.where(self.finished, self.scratch, self.job)
         return next_tokens
 
     def alive(self) -> torch.Tensor:
         return ~self.finished
 
     def drop(self, alive: torch.Tensor) -> None:
-        self.answering, self.finished = self.answering[alive], self.finished[alive]
+        self.job, self.length, self.finished = self.job[alive], self.length[alive], self.finished[alive]
 
     def answers(self, count: int) -> list[list[int]]:
         return self.tokens[:count].tolist()
@@ -438,7 +497,8 @@ class Generator:
 
     ``batch_size`` counts rows: a batch holds ``batch_size // decoding.rows`` sentences (at least one), so that
     samples or beams cost time, not memory. ``static`` forces the cache kind (True: static cache and, on a GPU,
-    CUDA graphs; False: the growing cache); None chooses the static one on a GPU whose attention takes a 4D mask."""
+    CUDA graphs; False: the growing cache); None chooses the static one on a GPU whose attention takes a 4D mask.
+    ``continuous`` batches continuously on the static cache (`_generate_continuous`; not with beam search)."""
 
     def __init__(
         self,
@@ -450,6 +510,7 @@ class Generator:
         *,
         static: bool | None = None,
         decoding: Decoding = GREEDY,
+        continuous: bool = False,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.system_prompt, self.max_new_tokens, self.batch_size = system_prompt, max_new_tokens, batch_size
@@ -459,6 +520,8 @@ class Generator:
         # Static batches take a 4D mask, which flash-attention does not; on the CPU there is no launch cost to save.
         masks = getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
         self.static = (self.device.type == "cuda" and masks) if static is None else static
+        # A growing cache drops finished rows already; beam search keeps each sentence's beams together.
+        self.continuous = continuous and self.static and decoding.num_beams == 1
         self._prefix: list[int] | None = None
         self._prefix_cache = None
         self._static_cache: StaticGraphCache | None = None
@@ -481,6 +544,8 @@ class Generator:
         if self.decoding.temperature > 0:
             self._random = torch.Generator(self.device).manual_seed(self.decoding.seed)
         with tqdm(total=len(prompts), desc=desc, unit="sentence", disable=not progress) as bar:
+            if self.continuous:
+                return self._generate_continuous(prompts, bar)
             batches = prompt_batches([len(prompt) for prompt in prompts], self.sentences_per_batch)
             batch_prompts = max((len(batch) for batch in batches), default=self.sentences_per_batch)  # static size
             for batch in batches:
@@ -509,10 +574,13 @@ class Generator:
         whose answers are decoded but never kept. Each decodes as ``decoding.rows`` rows."""
         prefix_length, prefix_cache = self._prefix_for(prompts)
         suffixes = [prompt[prefix_length:] for prompt in prompts + [prompts[-1]] * (prompt_rows - len(prompts))]
+        return self._suffix_inputs(suffixes, prefix_length, prefix_cache, self.decoding.rows)
+
+    def _suffix_inputs(self, suffixes: list[list[int]], prefix_length: int, prefix_cache, repeat: int = 1) -> Prefill:
         # padding between the shared prefix and each sentence's tokens
         input_ids, filled = left_padded(suffixes, self.tokenizer.pad_token_id, self.device)
         positions = (prefix_length + filled.long().cumsum(-1) - 1).clamp(min=prefix_length)
-        return Prefill(prefix_length, prefix_cache, input_ids, filled, positions, self.decoding.rows)
+        return Prefill(prefix_length, prefix_cache, input_ids, filled, positions, repeat)
 
     def _cache(self, rows: int, length: int) -> DecodingCache:
         if not self.static:
@@ -529,8 +597,15 @@ class Generator:
         decoding, pad = self.decoding, self.tokenizer.pad_token_id
         if decoding.num_beams > 1:
             return BeamSearch(prompts, count, decoding.num_beams, self.max_new_tokens, stops, pad, EARLY_STOPPING)
-        pick = greedy if decoding.temperature == 0 else sampler(decoding.temperature, self._random)
-        return RowSearch(prompts * decoding.rows, count * decoding.rows, self.max_new_tokens, stops, pad, pick)
+        search = RowSearch(
+            prompts * decoding.rows, count * decoding.rows, self.max_new_tokens, stops, pad, self._pick()
+        )
+        real = torch.arange(count * decoding.rows, device=self.device)  # the filler rows hold no job
+        search.admit(real, real)
+        return search
+
+    def _pick(self):
+        return greedy if self.decoding.temperature == 0 else sampler(self.decoding.temperature, self._random)
 
     def _grammar_state(self, rows: int, vocabulary: int) -> GrammarState | None:
         if not self.decoding.structured:
@@ -571,6 +646,61 @@ class Generator:
                     next_tokens = next_tokens[alive]
             logits = cache.step(next_tokens)
         return self._combine(search, count)
+
+    def _generate_continuous(self, prompts: list[list[int]], bar: tqdm) -> list[Generation]:
+        """Continuous batching: one static batch for all the prompts, whose rows take the next waiting job (a
+        sentence, or one of its samples) as soon as they finish, so the batch decodes as long as its longest
+        current answer, not the longest of its batch. Jobs wait shortest prompt first, so that rows admitted
+        together are prefilled at nearly one width. Every SYNC_EVERY steps the host sees which rows finished and
+        admits them (`StaticGraphCache.admit`); the step itself stays the one graph. Each row's answer sees what
+        it would in a batch of its own: the shared prefix, its own tokens and positions, and nothing else."""
+        samples = self.decoding.samples
+        prefix_length, prefix_cache = self._prefix_for(prompts)
+        suffixes = [prompt[prefix_length:] for prompt in prompts]
+        order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
+        queue = [index * samples + sample for index in order for sample in range(samples)]  # job: prompt * samples
+        batches = prompt_batches([len(prompt) for prompt in prompts], self.sentences_per_batch)
+        rows = max(len(batch) for batch in batches) * samples  # as many rows as batch by batch, no fill-up at the end
+        cache = self._cache(rows, prefix_length + max(map(len, suffixes)) + self.max_new_tokens)
+        cache.start(prefix_length, prefix_cache)
+        stops = torch.tensor(self.stops, device=self.device)
+        search = RowSearch(rows, len(queue), self.max_new_tokens, stops, self.tokenizer.pad_token_id, self._pick())
+        logits, grammar, allowed, waiting, step = None, None, None, 0, 0
+        free = torch.arange(rows, device=self.device)
+        while True:
+            if len(free) and waiting < len(queue):
+                taken, jobs = free[: len(queue) - waiting], queue[waiting : waiting + len(free)]
+                waiting += len(taken)
+                for start in range(0, len(taken), ADMIT_ROWS):
+                    chunk = jobs[start : start + ADMIT_ROWS]
+                    inputs = self._suffix_inputs(
+                        [suffixes[job // samples] for job in chunk], prefix_length, prefix_cache
+                    )
+                    fresh = cache.admit(taken[start : start + ADMIT_ROWS], inputs)
+                    logits = fresh.new_zeros((rows, fresh.shape[-1])) if logits is None else logits
+                    logits[taken[start : start + ADMIT_ROWS]] = fresh
+                search.admit(taken, torch.tensor(jobs, device=self.device))
+                grammar = grammar or self._grammar_state(rows, logits.shape[-1])
+                if grammar is not None:
+                    grammar.admit(taken)
+            if grammar is not None:  # a finished row waiting for a job is past its cap: it may say anything
+                allowed = grammar.allowed((self.max_new_tokens - search.length).clamp(min=1))
+            next_tokens = search.choose(logits, allowed, step)
+            if grammar is not None:
+                grammar.advance(next_tokens)
+            step += 1
+            free = free[:0]
+            if step % SYNC_EVERY == 0:
+                finished = (~search.alive()).nonzero().squeeze(-1)
+                bar.update((waiting - rows + len(finished)) // samples - bar.n)
+                if len(finished) == rows and waiting == len(queue):
+                    break
+                if waiting < len(queue):
+                    free = finished
+                if len(finished) == rows:
+                    continue  # no row decodes: the new ones start without a step
+            logits = cache.step(next_tokens)
+        return self._combine(search, len(prompts))
 
     def _combine(self, search: Search, count: int) -> list[Generation]:
         """One answer per sentence: its row's, its best beam's, or its samples' vote."""

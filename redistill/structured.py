@@ -155,10 +155,17 @@ class GrammarState:
         self.seen = torch.full((rows, max_lines), -1, dtype=torch.long, device=device)  # hashes are >= 0
         self.lines = torch.zeros(rows, dtype=torch.long, device=device)
 
-    def allowed(self, remaining: int) -> torch.Tensor:
-        """(rows, vocabulary) bool: the tokens each row may say next, with ``remaining`` tokens left to it."""
+    def allowed(self, remaining: int | torch.Tensor) -> torch.Tensor:
+        """(rows, vocabulary) bool: the tokens each row may say next, with ``remaining`` tokens left to it (one
+        count for all rows, or each row's: continuous batching's rows are at different steps of their answers)."""
         tables = self.grammar.allowed_within
-        return tables[min(remaining, len(tables) - 1)][self.state]
+        if isinstance(remaining, int):
+            return tables[min(remaining, len(tables) - 1)][self.state]
+        return tables[remaining.clamp(max=len(tables) - 1), self.state]
+
+    def admit(self, rows: torch.Tensor) -> None:
+        """These rows start new answers."""
+        self.state[rows], self.line[rows], self.seen[rows], self.lines[rows] = 0, 0, -1, 0
 
     def advance(self, tokens: torch.Tensor) -> None:
         grammar = self.grammar

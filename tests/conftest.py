@@ -54,6 +54,16 @@ def tiny_student(tmp_path_factory) -> Path:
     return build_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_student):
+    """The tiny random model and its tokenizer (pad = EOS, as many real tokenizers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_student)
+    tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(tiny_student), tokenizer
+
+
 def labeled_rows(count: int, start: int = 0) -> list[dict]:
     """Labelled sentences with one easy pattern, so a tiny model can learn something in a few steps."""
     cities = ["Warsaw", "Paris", "Leeds", "Rome", "Vienna", "Oslo", "Lima", "Cairo"]

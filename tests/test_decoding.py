@@ -14,16 +14,6 @@ from redistill.triples import parse_answer
 TEXTS = ["Marie Curie was born in Warsaw.", "She won two Nobel Prizes.", "x", "Rome is in Italy.", "Bob met Ann."]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_student):
-    """The tiny random model and its tokenizer (pad = EOS, as many real tokenizers)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_student)
-    tokenizer.pad_token = tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(tiny_student), tokenizer
-
-
 def generator(tiny, max_new_tokens=30, batch_size=8, static=False, **settings):
     from redistill.generation import Generator
 

@@ -1,0 +1,152 @@
+"""Benchmark continuous batching (issue 22) beside batch-by-batch decoding, in one GPU process.
+
+On the Llama-3-8B architecture with random weights (bench/common.py), its folder given a chat template and the
+default system prompt so that it loads as a merged student folder does:
+- **to the cap**: the post's sentences, every answer ``--new-tokens`` long (random weights never say end of turn),
+  batch by batch (today's path) and continuously batched, at ``--batch-size``;
+- **realistic lengths**: the same model, but each answer forced to end after as many tokens as a teacher's answer
+  has. The model computes every step as before; a forward hook then overrides the chosen token only: the first
+  answer token encodes a length drawn from the teacher answers' token lengths (picked by a hash of the sentence's
+  tokens, so it is the same sentence's length on either path), each next token counts down, and the last is the
+  end-of-turn token. That needs no knowledge of which row holds which sentence, so it is the same on both paths,
+  and both paths' answers (so their lengths) are compared;
+- **`redistill extract` end to end** (loading, reading, writing JSONL) on ``--extract-sentences`` sentences (the
+  post's, repeated), to the cap, without and with ``--continuous-batching``.
+
+Each pair reports how many answers are identical.
+
+    python bench/continuous.py --tokenizer DIR --data sft_dataset.json --out continuous.json
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import build_random_llama3_8b, labelled_rows
+from extract import generator_run, print_table, report, save, timed
+
+from redistill.cli import main as redistill
+from redistill.models import load_trained, write_trained_with
+from redistill.prompts import CHATML_TEMPLATE, DEFAULT_SYSTEM_PROMPT, answer_text, stop_token_ids
+
+COUNTDOWN = 1000  # forced answers count down through tokens COUNTDOWN + 1 ...: plain word pieces in any 49k vocabulary
+
+
+def answer_lengths(rows: list[dict], tokenizer) -> list[int]:
+    """The token lengths of the teacher's answers, the end-of-turn token counted."""
+    return [len(tokenizer(answer_text(row["triples"]), add_special_tokens=False)["input_ids"]) + 1 for row in rows]
+
+
+def force_lengths(model, lengths: list[int], pad: int, stop: int):
+    """A forward hook on ``model`` that ends each answer after a length drawn from ``lengths`` (see the module's
+    docstring); graph-safe: tensor operations only. Returns the hook's handle."""
+    table, longest = torch.tensor(lengths, device=model.device), max(lengths)  # no host sync in a graph's capture
+    weights = torch.randint(1, 1 << 20, (4096,), generator=torch.Generator().manual_seed(0)).to(model.device)
+
+    def hook(module, args, kwargs, output):
+        input_ids = kwargs["input_ids"]
+        logits = output.logits[:, -1]
+        if input_ids.shape[1] > 1:  # a prefill: the sentence's own tokens, right-aligned, pads left out
+            tokens = input_ids.flip(1)
+            key = ((tokens != pad) * tokens * weights[: tokens.shape[1]]).sum(-1)
+            length = table[key % len(table)]
+            forced = torch.where(length > 1, COUNTDOWN + length - 1, stop)
+        else:
+            last = input_ids[:, 0]
+            counting = (last > COUNTDOWN) & (last < COUNTDOWN + longest)
+            forced = torch.where(counting, torch.where(last - 1 > COUNTDOWN, last - 1, stop), -1)
+        chosen = torch.zeros_like(logits).scatter_(-1, forced.clamp(min=0)[:, None], 1e4)
+        logits.copy_(torch.where((forced >= 0)[:, None], chosen, logits))
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True)
+
+
+def pair(results: dict, label: str, before: dict, after: dict) -> None:
+    same = sum(a == b for a, b in zip(before["answers"], after["answers"], strict=True))
+    speedup = after["sentences_per_second"] / before["sentences_per_second"]
+    results[label] = {"identical_answers": f"{same}/{len(before['answers'])}", "speedup": round(speedup, 2)}
+    print(f"{label}: {results[label]}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--data", required=True, help="the post's sft_dataset.json: records with text and gold_re")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--realistic-new-tokens", type=int, default=128, help="the cap of the realistic runs")
+    parser.add_argument("--realistic-sentences", type=int, default=4096, help="the post's sentences, repeated")
+    parser.add_argument("--extract-sentences", type=int, default=10_000)
+    parser.add_argument("--work", default="bench-work")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    work = Path(args.work).resolve()
+    folder = work / "llama3-8b-random"
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch_size": args.batch_size}
+    results["build_seconds"] = build_random_llama3_8b(folder, args.tokenizer)
+    base_tokenizer = AutoTokenizer.from_pretrained(folder)
+    base_tokenizer.chat_template = CHATML_TEMPLATE  # the train stage's fallback, which `redistill merge` keeps
+    base_tokenizer.save_pretrained(folder)
+    write_trained_with(folder, str(folder), DEFAULT_SYSTEM_PROMPT)
+    rows = labelled_rows(args.data)
+    texts = [row["text"] for row in rows]
+    results["runs"] = runs = []
+
+    loaded, results["load_seconds"] = timed(lambda: load_trained(str(folder), device="cuda"))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    size, cap = args.batch_size, args.new_tokens
+    for label, new_tokens, sentences, forced in (
+        ("to the cap", cap, texts, False),
+        ("realistic lengths", args.realistic_new_tokens, (texts * 100)[: args.realistic_sentences], True),
+    ):
+        handle = None
+        if forced:
+            lengths = answer_lengths(rows, tokenizer)
+            results["answer_lengths"] = {"mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)}
+            handle = force_lengths(model, lengths, tokenizer.pad_token_id, stop_token_ids(tokenizer)[0])
+        name = f"{label}, {len(sentences)} sentences, {new_tokens} new tokens at most, batch {size}"
+        today = generator_run(f"{name}: batch by batch", model, tokenizer, sentences, new_tokens, size)
+        runs.append(today)
+        continuous = generator_run(
+            f"{name}: continuous", model, tokenizer, sentences, new_tokens, size, continuous=True
+        )
+        runs.append(continuous)
+        pair(results, label, today, continuous)
+        if forced:
+            handle.remove()
+            mean = sum(today["lengths"]) / len(today["lengths"])
+            results["realistic_mean_new_tokens"] = round(mean, 1)
+        save(args.out, results)
+    del model, loaded
+    torch.cuda.empty_cache()
+
+    lines = work / "sentences.txt"
+    lines.write_text("".join(text.replace("\n", " ") + "\n" for text in (texts * 100)[: args.extract_sentences]))
+    for flags in ([], ["--continuous-batching"]):
+        output = work / f"out{len(flags)}.jsonl"
+        output.unlink(missing_ok=True)
+        Path(f"{output}.run.json").unlink(missing_ok=True)
+        command = ["extract", str(lines), "--input-format", "lines", "--model", str(folder), "-o", str(output)]
+        command += ["--max-new-tokens", str(cap), "--batch-size", str(size), *flags]
+        torch.cuda.reset_peak_memory_stats()
+        _, seconds = timed(lambda command=command: redistill(command))
+        name = f"`redistill extract` end to end with loading, {args.extract_sentences} sentences {' '.join(flags)}"
+        runs.append(report(name, args.extract_sentences, seconds, 0))
+        save(args.out, results)
+    records = [(work / f"out{flags}.jsonl").read_text().splitlines() for flags in (0, 1)]
+    same = sum(a == b for a, b in zip(*records, strict=True))
+    results["extract identical records"] = f"{same}/{args.extract_sentences}"
+    save(args.out, results)
+    print(json.dumps({key: value for key, value in results.items() if key != "runs"}, indent=1))
+    print_table(runs)
+
+
+if __name__ == "__main__":
+    main()
