@@ -1,7 +1,8 @@
 """Benchmark the decoding settings (evaluate.decoding, `redistill extract`'s options) on one model, CPU or GPU.
 
 On the same sentences, one generator per setting: greedy (the default), structured, self-consistency (8 samples at
-temperature 0.7, a triple kept when 3 hold it), beam search (4 beams), the last two structured, and the small student's recipe (16 samples, 5 votes, structured). Per setting: the
+temperature 0.7, a triple kept when 3 hold it), beam search (4 beams),
+the last two structured, and the small student's recipe (16 samples, 5 votes, structured). Per setting: the
 time per sentence, the tokens decoded, what the answers look like (triples, well-formed lines, answers ended at the
 end-of-turn token), and how many answers are the same as greedy's. The cost of a setting is its time against
 greedy's; its worth is measured on the test split (bench/quality.py), not here.
