@@ -54,7 +54,7 @@ class FusedLoraProduct(torch.autograd.Function):
             else:
                 grad_dropped = grad_hidden @ scaled_a
                 grad_x += torch.ops.aten.native_dropout_backward(grad_dropped, mask, 1 / (1 - ctx.dropout))
-            grad_x = grad_x.view(grad_output.shape[:-1] + (flat.shape[-1],))
+            grad_x = grad_x.view(*grad_output.shape[:-1], flat.shape[-1])
         # (autograd casts each gradient to its input's dtype: the fp32 adapter weights take these as they are)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
