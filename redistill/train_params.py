@@ -119,8 +119,8 @@ class TrainParams:
         "a micro-batch's examples in one row, without padding and without attention across examples"
     )
     compile: bool = param(
-        "`torch.compile` the decoder layers: ~20% shorter steps on a GPU for 40-60 s of compiling, worth it past "
-        "~1,000 steps ([training.md](training.md))"
+        "`torch.compile` the decoder layers: ~20% shorter steps on a GPU for 40-60 s of compiling on a machine's "
+        "first run; later runs load the compiled code from `~/.cache/redistill/inductor` ([training.md](training.md))"
     )
     cuda_graphs: bool = param(
         "with `train.compile`, the compiled layers replay as CUDA graphs (torch.compile's `reduce-overhead` mode): "
