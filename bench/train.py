@@ -56,6 +56,9 @@ class Run:
 # 16 examples a step at sqrt(2) x the learning rate: 1.5-1.9x the tokens/s, a lower held-out F1 (BENCHMARKS.md).
 BATCH_16 = {"batch_size": 16, "learning_rate": 2.83e-4}
 COMPILED = {"compile": True}
+FUSED = {"fused_lora": True}
+# Compiled layers replayed as CUDA graphs, the rows padded up to a multiple of 256 tokens (~11% padding at ~1,170).
+GRAPHS = {**COMPILED, "cuda_graphs": True, "row_length_multiple": 256}
 RUNS = {
     "post": Run("post"),
     "low_memory": Run("low_memory"),
@@ -72,8 +75,14 @@ RUNS = {
     "fast-2-epochs": Run("fast", whole_epochs=True),
     "fast-compiled-2-epochs": Run("fast", COMPILED, whole_epochs=True),
     "fast-16-2-epochs": Run("fast", BATCH_16, whole_epochs=True),
+    "fast-fused": Run("fast", FUSED),
+    "fast-graphs": Run("fast", GRAPHS),
+    "fast-fused-2-epochs": Run("fast", FUSED, whole_epochs=True),
+    "fast-graphs-2-epochs": Run("fast", GRAPHS, whole_epochs=True),
     "fast-profiled": Run("fast", profile=3),  # its rate includes the profiler's overhead
     "fast-compiled-profiled": Run("fast", COMPILED, profile=3),
+    "fast-fused-profiled": Run("fast", FUSED, profile=3),
+    "fast-graphs-profiled": Run("fast", GRAPHS, profile=3),
 }
 NOTEBOOK = "post-notebook"  # the post's notebook, bench/post_recipe.py, for --steps steps
 
@@ -164,6 +173,10 @@ def child(argv: list[str]) -> None:
     )
     if train_params.compile:  # where the compiling time went (tracing, autograd, inductor), and how often
         metrics["compile_times"] = torch._dynamo.utils.compile_times(repr="str")
+        # Whether the on-disk caches served this run (a second run on the machine should only hit).
+        counters = torch._dynamo.utils.counters
+        caches = {**counters["aot_autograd"], **counters["inductor"]}
+        metrics["compile_caches"] = {name: count for name, count in caches.items() if "cache" in name}
     write_json(args.result, {**metrics, "losses": log.losses, "step_seconds": log.step_seconds})
 
 

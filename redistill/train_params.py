@@ -6,7 +6,7 @@ docs/params.md generates from it."""
 from dataclasses import dataclass
 
 from redistill.launch import STRATEGIES
-from redistill.params import Check, check_param, in_range, one_of, or_null, param, positive, require
+from redistill.params import Check, at_least, check_param, in_range, one_of, or_null, param, positive, require
 
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_min_lr")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -134,8 +134,21 @@ class TrainParams:
         "a micro-batch's examples in one row, without padding and without attention across examples"
     )
     compile: bool = param(
-        "`torch.compile` the decoder layers: ~20% shorter steps on a GPU for 40-60 s of compiling, worth it past "
-        "~1,000 steps ([training.md](training.md))"
+        "`torch.compile` the decoder layers: ~20% shorter steps on a GPU for 40-60 s of compiling on a machine's "
+        "first run; later runs load the compiled code from `~/.cache/redistill/inductor` ([training.md](training.md))"
+    )
+    cuda_graphs: bool = param(
+        "with `train.compile`, the compiled layers replay as CUDA graphs (torch.compile's `reduce-overhead` mode): "
+        "the CPU issues one launch per layer instead of ~100, on a GPU; needs `train.row_length_multiple`"
+    )
+    row_length_multiple: int = param(
+        "with `train.packing`, each packed row is padded up to a multiple of this many tokens (one dummy example, "
+        "no loss), so that rows come in a few lengths, as CUDA graphs need; `0`: no padding",
+        at_least(0),
+    )
+    fused_lora: bool = param(
+        "each LoRA projection as one autograd function: fewer kernels and casts a step than peft's modules, the "
+        "same numbers up to rounding ([training.md](training.md))"
     )
     group_by_length: bool = param(
         "batch sentences of similar length together (less padding, faster, same data); `false`: plain random batches"
@@ -187,6 +200,17 @@ class TrainParams:
         return self.num_processes > 1 or self.accelerate_config is not None
 
     def validate(self) -> None:
+        require(
+            not self.cuda_graphs or (self.compile and self.row_length_multiple > 0),
+            "train.cuda_graphs",
+            "needs train.compile: true and a train.row_length_multiple (a CUDA graph is recorded for every new row "
+            "length)",
+        )
+        require(
+            self.row_length_multiple == 0 or self.packing,
+            "train.row_length_multiple",
+            "pads packed rows: it needs train.packing: true (or 0)",
+        )
         require(
             self.method == "lora" or self.quantization == "none",
             "train.quantization",

@@ -17,11 +17,14 @@ from trl import SFTTrainer
 from redistill.attention import packed_attention_available, use_packed_attention
 from redistill.callbacks import ExamplesSeenDVCLive, LossInProgressBar, StepClock
 from redistill.checkpoints import fingerprint, last_checkpoint
+from redistill.compiling import CudaGraphSteps, compile_decoder_layers
 from redistill.errors import PipelineError
+from redistill.fused_lora import fused_lora
 from redistill.io import atomic_dir
 from redistill.launch import is_launched, local_rank, uses_fsdp
 from redistill.models import load_base, student_tokenizer, write_trained_with
 from redistill.prompts import training_example
+from redistill.row_padding import ROW_PADDING, PaddedRows
 from redistill.student import StudentParams
 from redistill.train_params import TrainParams
 
@@ -228,12 +231,16 @@ def build_trainer(model, config, examples: Examples, tokenizer, params: TrainPar
     trainer.objective = Objective.of(params)
     trainer.remove_callback(ProgressCallback)  # for LossInProgressBar
     trainer.add_callback(LossInProgressBar)
+    if params.row_length_multiple:
+        trainer.data_collator = PaddedRows(trainer.data_collator, params.row_length_multiple, tokenizer.pad_token_id)
     if params.compile:
         if not params.gradient_checkpointing:  # (with checkpointing this is done already)
             # The first layer's input then asks for gradients as the others' do, so all layers share one compiled
             # graph instead of two; the cost is the first layer's input gradient, ~1% of a step.
             trainer.model.enable_input_require_grads()
-        compile_decoder_layers(trainer.model)
+        compile_decoder_layers(trainer.model, cuda_graphs=params.cuda_graphs)
+        if params.cuda_graphs:
+            trainer.add_callback(CudaGraphSteps)
     return trainer
 
 
@@ -247,7 +254,10 @@ def run(trainer, resume: str | None, params: TrainParams, env: Environment, spee
         # Under bf16 autocast the adapter's products run in bf16 whatever their input's dtype, so peft's cast of each
         # projection's input to the fp32 adapter weights (and autocast's cast back) copies activations twice per
         # projection, forward and backward, and changes no number (tested): 5-15% faster steps (BENCHMARKS.md).
-        with disable_input_dtype_casting(trainer.model, active=env.bf16 and speedups.skip_input_casts):
+        with (
+            disable_input_dtype_casting(trainer.model, active=env.bf16 and speedups.skip_input_casts),
+            fused_lora(trainer.model, active=params.fused_lora),
+        ):
             return trainer.train(resume_from_checkpoint=resume)
     except torch.OutOfMemoryError:
         raise PipelineError(
@@ -330,7 +340,8 @@ def train(
 
 # Train params that metrics/train.json repeats, so that `dvc metrics diff` shows what ran beside what it measured.
 RECORDED_PARAMS = (
-    "preset", "method", "batch_size", "grad_accum", "packing", "compile", "gradient_checkpointing", "optim",
+    "preset", "method", "batch_size", "grad_accum", "packing", "compile", "cuda_graphs", "row_length_multiple",
+    "fused_lora", "gradient_checkpointing", "optim",
 )  # fmt: skip
 
 
@@ -371,15 +382,6 @@ def train_metrics(
     if env.cuda:  # the main process's GPU; the others hold the same under DDP
         metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return metrics
-
-
-def compile_decoder_layers(model) -> None:
-    """torch.compile each decoder layer in place (the adapter's keys stay as they are). The layers share their code,
-    so they share one compiled graph (regional compilation: one layer's compile time, not the model's); row lengths
-    are dynamic from the start, so a new packed length compiles nothing."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for layer in base.get_decoder().layers:
-        layer.compile(dynamic=True)
 
 
 def _sort_target_modules(config_path: Path) -> None:
@@ -431,12 +433,19 @@ class StudentTrainer(SFTTrainer):
         batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
         return EpochSeededLengthGroupedSampler(batch, lengths=lengths, seed=self.args.seed)
 
+    def _track_num_input_tokens(self, inputs):
+        # A padded row's dummy example is no input (train.row_length_multiple): the tokens seen are those before it.
+        if padding := inputs.get(ROW_PADDING):
+            inputs = {**inputs, "input_ids": inputs["input_ids"][:, :-padding]}
+        super()._track_num_input_tokens(inputs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Mean cross-entropy over the labelled tokens (of the whole accumulated batch, on every process, when the
         trainer counts them), as transformers computes it; but the vocabulary-wide logits are built only where a
         row has a label (the answer), not over the prompt, and no per-step metric is computed from them (trl's
         entropy and token accuracy cost passes over those logits and a device sync every micro-batch)."""
         inputs = dict(inputs)
+        inputs.pop(ROW_PADDING, None)
         targets = inputs.pop("labels")[:, 1:]  # position i predicts token i + 1
         positions = (targets != -100).any(dim=0).nonzero().squeeze(1)
         outputs = model(**inputs, use_cache=False, logits_to_keep=positions)

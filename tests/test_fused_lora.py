@@ -1,0 +1,101 @@
+"""train.fused_lora on a tiny random Llama: peft's loss and adapter gradients, dropout's draws included."""
+
+import pytest
+import torch
+from test_packing import examples
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from redistill import fused_lora as fused
+
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+
+
+def lora_model(tiny_student, dtype: torch.dtype, dropout: float):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=dtype)
+    # Random B (not peft's zeros), so that every gradient and the adapter's share of the output are non-zero.
+    config = LoraConfig(r=8, lora_alpha=24, lora_dropout=dropout, target_modules=TARGETS, init_lora_weights=False)
+    torch.manual_seed(0)  # the same adapter in every dtype
+    return get_peft_model(base, config).train()
+
+
+def loss_and_gradients(model, fused_on: bool, autocast: bool = False, seed: int = 3):
+    """The loss of one batch and every adapter weight's gradient, with peft's forward or the fused one."""
+    from peft.helpers import disable_input_dtype_casting
+
+    tokenizer, batch = examples()
+    inputs = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(batch)
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same dropout draws for both
+    with (
+        fused.fused_lora(model, active=fused_on) as switched,
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+        disable_input_dtype_casting(model, active=autocast),  # as the stage trains under bf16
+    ):
+        assert switched == (2 * len(TARGETS) if fused_on else 0)
+        loss = model(**inputs, use_cache=False).loss
+    loss.backward()
+    return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def error(result, reference) -> float:
+    """The largest relative error of the loss and of each gradient against ``reference``."""
+    (loss, grads), (ref_loss, ref_grads) = result, reference
+    errors = [abs(loss - ref_loss) / abs(ref_loss)]
+    errors += [(grads[n] - ref_grads[n]).norm() / ref_grads[n].norm() for n in ref_grads]
+    return float(max(errors))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_gives_peft_s_loss_and_gradients_in_fp32(tiny_student, dropout):
+    model = lora_model(tiny_student, torch.float32, dropout)
+    peft_result = loss_and_gradients(model, fused_on=False)
+    assert all(grad.abs().sum() > 0 for grad in peft_result[1].values())
+    assert error(loss_and_gradients(model, fused_on=True), peft_result) < 1e-6  # rounding: addmm sums in its own order
+
+
+@pytest.mark.parametrize("wrong", ["scale", "dropout"])
+def test_a_wrong_scale_or_dropout_factor_is_caught(tiny_student, monkeypatch, wrong):
+    """The comparison above is sharp enough to see a scale or dropout factor off by 1%."""
+    model = lora_model(tiny_student, torch.float32, 0.3)
+    peft_result = loss_and_gradients(model, fused_on=False)
+    apply = fused.FusedLoraProduct.apply
+
+    def off(x, weight, bias, lora_a, lora_b, scale, dropout, dtype):
+        if wrong == "scale":
+            scale *= 1.01
+        else:
+            x = x * 1.01  # as if dropout scaled its kept inputs by 1.01 / (1 - p)
+        return apply(x, weight, bias, lora_a, lora_b, scale, dropout, dtype)
+
+    monkeypatch.setattr(fused.FusedLoraProduct, "apply", off)
+    assert error(loss_and_gradients(model, fused_on=True), peft_result) > 1e-4
+
+
+def test_under_bf16_autocast_fused_lora_is_no_less_accurate_than_peft(tiny_student):
+    reference = loss_and_gradients(lora_model(tiny_student, torch.float32, 0.0), fused_on=False)
+    model = lora_model(tiny_student, torch.bfloat16, 0.0)  # bf16 base, fp32 adapters: as the stage trains
+    peft_error = error(loss_and_gradients(model, fused_on=False, autocast=True), reference)
+    fused_error = error(loss_and_gradients(model, fused_on=True, autocast=True), reference)
+    print(f"relative error against fp32: peft {peft_error:.2e}, fused {fused_error:.2e}")
+    assert 0 < peft_error < 0.1
+    assert fused_error <= 1.2 * peft_error
+
+
+def test_disabled_or_merged_adapters_and_the_end_of_the_block_fall_back_to_peft(tiny_student):
+    model = lora_model(tiny_student, torch.float32, 0.0).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        with model.disable_adapter():
+            base_logits = model(input_ids=ids).logits
+        adapted = model(input_ids=ids).logits
+        with fused.fused_lora(model):
+            with model.disable_adapter():
+                torch.testing.assert_close(model(input_ids=ids).logits, base_logits, rtol=0, atol=0)
+            torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-6, atol=1e-6)
+            model.merge_adapter()
+            torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
+            model.unmerge_adapter()
+    assert not any("forward" in vars(module) for module in model.modules())  # peft's forward is back
