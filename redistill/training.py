@@ -146,7 +146,7 @@ def trainer_config(params: TrainParams, env: Environment, checkpoints: Path, val
         lr_scheduler_type=params.lr_scheduler,
         warmup_steps=params.warmup_ratio,  # transformers 5 has no warmup_ratio: a float < 1 here is a fraction
         max_grad_norm=params.max_grad_norm,
-        neftune_noise_alpha=params.neftune_alpha,
+        neftune_noise_alpha=params.neftune_alpha or None,  # 0: none, as null is for the trainer
         optim=params.optim,
         bf16=env.bf16,
         tf32=True if env.cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
