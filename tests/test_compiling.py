@@ -1,11 +1,9 @@
 """train.compile with train.cuda_graphs: the settings it needs, and on a CPU (no graphs there) eager's losses."""
 
 import pytest
-from conftest import labeled_rows
-from test_training import tiny_train_params
+from test_training import tiny_train_params, train_tiny
 
 from redistill.params import ParamError
-from redistill.prompts import DEFAULT_SYSTEM_PROMPT
 
 
 @pytest.mark.parametrize(
@@ -22,26 +20,13 @@ def test_cuda_graphs_and_row_padding_refuse_the_settings_they_cannot_work_with(c
 
 
 def test_layers_compiled_for_cuda_graphs_train_as_eager_on_a_cpu(tiny_student, tmp_path, monkeypatch):
-    from redistill.student import StudentParams
-    from redistill.training import train
-
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # not the user's cache
-    student = StudentParams(str(tiny_student), None, None, "sdpa")
     losses = {}
     for compiled in (False, True):
         params = tiny_train_params(
             packing=True, row_length_multiple=64, compile=compiled, cuda_graphs=compiled, max_steps=3
         )
-        metrics, _ = train(
-            params,
-            student,
-            DEFAULT_SYSTEM_PROMPT,
-            labeled_rows(12),
-            [],
-            adapter_dir=tmp_path / f"adapter-{compiled}",
-            checkpoints=tmp_path / f"checkpoints-{compiled}",
-            log_dir=None,
-        )
+        metrics = train_tiny(tiny_student, params, 12, tmp_path / str(compiled))
         losses[compiled] = metrics["final_loss"]
         assert metrics["cuda_graphs"] is compiled
     assert (tmp_path / "inductor").is_dir()  # the compile caches went where they were told

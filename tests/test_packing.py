@@ -4,8 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import labeled_rows
-from test_training import tiny_train_params
+from test_training import tiny_train_params, train_tiny
 from tiny_model import build_tokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -13,7 +12,7 @@ from redistill import attention
 from redistill.params import ParamError
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT, training_example
 from redistill.train_params import PRESETS
-from redistill.training import StudentTrainer
+from redistill.training import Objective, StudentTrainer
 
 TEXTS = ["Marie Curie was born in Warsaw.", "The U.S. Army was founded in 1775 by the Continental Congress.", "A b."]
 
@@ -124,7 +123,7 @@ def test_the_labelled_positions_loss_equals_the_full_logits_loss(tiny_student, p
     tokenizer, batch = examples()
     model = load(tiny_student, "sdpa")
     inputs = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=padding_free)(batch)
-    trainer = SimpleNamespace(args=SimpleNamespace(average_tokens_across_devices=False))
+    trainer = SimpleNamespace(args=SimpleNamespace(average_tokens_across_devices=False), objective=Objective())
     with torch.no_grad():
         # transformers' own loss: the mean over the labelled tokens, from every position's logits
         full = model(**inputs, use_cache=False).loss
@@ -146,23 +145,11 @@ def test_a_preset_fills_the_keys_left_null_and_a_set_key_wins():
 
 
 def test_packed_training_lowers_the_loss_with_the_steps_of_padded_training(tiny_student, tmp_path):
-    from redistill.student import StudentParams
-    from redistill.training import train
 
-    student = StudentParams(str(tiny_student), None, None, "sdpa")
-    runs = {}
-    for packing in (False, True):
-        metrics, _ = train(
-            tiny_train_params(packing=packing, epochs=2.0),
-            student,
-            DEFAULT_SYSTEM_PROMPT,
-            labeled_rows(16),
-            [],
-            adapter_dir=tmp_path / f"adapter-{packing}",
-            checkpoints=tmp_path / f"checkpoints-{packing}",
-            log_dir=None,
-        )
-        runs[packing] = metrics
+    runs = {
+        packing: train_tiny(tiny_student, tiny_train_params(packing=packing, epochs=2.0), 16, tmp_path / str(packing))
+        for packing in (False, True)
+    }
     assert runs[True]["steps"] == runs[False]["steps"] == 8
     assert runs[True]["final_loss"] < 0.8 * runs[True]["train_loss"] * 2  # it learns
     assert abs(runs[True]["final_loss"] - runs[False]["final_loss"]) < 0.1 * runs[False]["final_loss"]

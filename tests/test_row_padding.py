@@ -2,15 +2,13 @@
 
 import pytest
 import torch
-from conftest import labeled_rows
 from test_packing import examples, load, reference_varlen
-from test_training import tiny_train_params
+from test_training import tiny_train_params, train_tiny
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from redistill import attention
-from redistill.prompts import DEFAULT_SYSTEM_PROMPT
 from redistill.row_padding import ROW_PADDING, PaddedRows
-from redistill.training import StudentTrainer
+from redistill.training import Objective, StudentTrainer
 
 
 def collators(tokenizer, multiple: int):
@@ -40,7 +38,7 @@ def test_a_padded_row_holds_the_examples_then_one_dummy_example_up_to_the_multip
 def loss_and_gradients(model, inputs):
     from types import SimpleNamespace
 
-    trainer = SimpleNamespace(args=SimpleNamespace(average_tokens_across_devices=False))
+    trainer = SimpleNamespace(args=SimpleNamespace(average_tokens_across_devices=False), objective=Objective())
     model.zero_grad()
     loss = StudentTrainer.compute_loss(trainer, model, inputs)
     loss.backward()
@@ -69,23 +67,16 @@ def test_padding_changes_no_loss_or_gradient(tiny_student, monkeypatch, path):
 
 
 def test_training_on_padded_rows_learns_the_same_and_counts_only_the_examples_tokens(tiny_student, tmp_path):
-    from redistill.student import StudentParams
-    from redistill.training import train
 
-    student = StudentParams(str(tiny_student), None, None, "sdpa")
-    runs = {}
-    for multiple in (0, 64):
-        metrics, _ = train(
+    runs = {
+        multiple: train_tiny(
+            tiny_student,
             tiny_train_params(packing=True, row_length_multiple=multiple, max_steps=4),
-            student,
-            DEFAULT_SYSTEM_PROMPT,
-            labeled_rows(16),
-            [],
-            adapter_dir=tmp_path / f"adapter-{multiple}",
-            checkpoints=tmp_path / f"checkpoints-{multiple}",
-            log_dir=None,
+            16,
+            tmp_path / str(multiple),
         )
-        runs[multiple] = metrics
+        for multiple in (0, 64)
+    }
     assert runs[64]["tokens_seen"] == runs[0]["tokens_seen"] > 0
     assert runs[64]["row_length_multiple"] == 64
     assert runs[64]["final_loss"] == pytest.approx(runs[0]["final_loss"], rel=1e-4)

@@ -110,6 +110,24 @@ def tiny_train_params(**changes) -> TrainParams:
     return TrainParams(**{**base, **changes})
 
 
+def train_tiny(student_folder, params: TrainParams, rows: int, out) -> dict:
+    """The train stage's training of the tiny student on ``rows`` labelled rows, no validation; its metrics."""
+    student = StudentParams(
+        model=str(student_folder), system_prompt=None, chat_template_fallback=None, attn_implementation="sdpa"
+    )
+    metrics, _ = train(
+        params,
+        student,
+        DEFAULT_SYSTEM_PROMPT,
+        labeled_rows(rows),
+        [],
+        adapter_dir=out / "adapter",
+        checkpoints=out / "checkpoints",
+        log_dir=out / "log",
+    )
+    return metrics
+
+
 def test_training_lowers_the_loss_and_the_saved_adapter_reloads_identically(tiny_student, tmp_path):
     student = StudentParams(
         model=str(tiny_student), system_prompt=None, chat_template_fallback=None, attn_implementation="sdpa"
@@ -162,22 +180,9 @@ def test_training_lowers_the_loss_and_the_saved_adapter_reloads_identically(tiny
     ],
 )
 def test_each_training_objective_reaches_the_trainer(tiny_student, tmp_path, objective, against_plain):
-    student = StudentParams(
-        model=str(tiny_student), system_prompt=None, chat_template_fallback=None, attn_implementation="sdpa"
-    )
-
     def first_loss(**changes) -> float:
         out = tmp_path / "-".join(map(str, changes.values())) if changes else tmp_path / "plain"
-        train(
-            tiny_train_params(max_steps=1, **changes),
-            student,
-            DEFAULT_SYSTEM_PROMPT,
-            labeled_rows(4),
-            [],
-            adapter_dir=out / "adapter",
-            checkpoints=out / "checkpoints",
-            log_dir=out / "log",
-        )
+        train_tiny(tiny_student, tiny_train_params(max_steps=1, **changes), 4, out)
         return float((out / "log/plots/metrics/loss.tsv").read_text().splitlines()[1].split("\t")[-1])
 
     plain, changed = first_loss(), first_loss(**objective)
