@@ -115,8 +115,8 @@ class TrainParams:
     warmup_ratio: float = param("fraction of the steps spent warming up", in_range(0, 1))
     max_grad_norm: float = param("gradient clipping", positive)
     label_smoothing: float = param(
-        "the share of each answer token's target spread over the whole vocabulary (trl's `label_smoothing_factor`); 0: "
-        "plain cross-entropy",
+        "the share of each answer token's target spread evenly over the whole vocabulary (label smoothing); 0: plain "
+        "cross-entropy",
         in_range(0, 1),
     )
     neftune_alpha: float | None = param(

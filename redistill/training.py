@@ -7,6 +7,7 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -408,13 +409,10 @@ class Objective:
 
 def summed_token_loss(logits: torch.Tensor, targets: torch.Tensor, objective: Objective) -> torch.Tensor:
     """The summed loss of the labelled targets (-100: none) under ``objective``."""
-    nll = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
-    losses = nll
-    if objective.label_smoothing:
-        losses = torch.nn.functional.cross_entropy(
-            logits, targets, ignore_index=-100, reduction="none", label_smoothing=objective.label_smoothing
-        )
-    if objective.dft:
+    cross_entropy = partial(torch.nn.functional.cross_entropy, logits, targets, ignore_index=-100, reduction="none")
+    losses = cross_entropy(label_smoothing=objective.label_smoothing)
+    if objective.dft:  # the weight is the token's probability: from the plain loss, whatever the smoothing
+        nll = cross_entropy() if objective.label_smoothing else losses
         losses = losses * torch.exp(-nll).detach()
     return losses.sum()
 
@@ -440,10 +438,11 @@ class StudentTrainer(SFTTrainer):
         super()._track_num_input_tokens(inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Mean cross-entropy over the labelled tokens (of the whole accumulated batch, on every process, when the
-        trainer counts them), as transformers computes it; but the vocabulary-wide logits are built only where a
-        row has a label (the answer), not over the prompt, and no per-step metric is computed from them (trl's
-        entropy and token accuracy cost passes over those logits and a device sync every micro-batch)."""
+        """Mean loss (cross-entropy unless the objective says otherwise) over the labelled tokens (of the whole
+        accumulated batch, on every process, when the trainer counts them), as transformers computes it; but the
+        vocabulary-wide logits are built only where a row has a label (the answer), not over the prompt, and no
+        per-step metric is computed from them (trl's entropy and token accuracy cost passes over those logits and a
+        device sync every micro-batch)."""
         inputs = dict(inputs)
         inputs.pop(ROW_PADDING, None)
         targets = inputs.pop("labels")[:, 1:]  # position i predicts token i + 1
