@@ -24,13 +24,16 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_random_llama3_8b, labelled_rows
 from extract import generator_run, print_table, report, save, timed
 
+from redistill import generation
 from redistill.cli import main as redistill
+from redistill.generation import ADMIT_ATTENTION
 from redistill.models import load_trained, write_trained_with
 from redistill.prompts import CHATML_TEMPLATE, DEFAULT_SYSTEM_PROMPT, answer_text, stop_token_ids
 
@@ -82,7 +85,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--realistic-new-tokens", type=int, default=128, help="the cap of the realistic runs")
     parser.add_argument("--realistic-sentences", type=int, default=4096, help="the post's sentences, repeated")
-    parser.add_argument("--extract-sentences", type=int, default=10_000)
+    parser.add_argument("--extract-sentences", type=int, default=10_000, help="0: no end-to-end runs")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler tables of the runs to the cap")
     parser.add_argument("--work", default="bench-work")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -114,36 +118,63 @@ def main() -> None:
         name = f"{label}, {len(sentences)} sentences, {new_tokens} new tokens at most, batch {size}"
         today = generator_run(f"{name}: batch by batch", model, tokenizer, sentences, new_tokens, size)
         runs.append(today)
+        generation.ADMIT_ATTENTION = list(SDPBackend)  # as before: PyTorch picks (cuDNN's, planned per shape)
+        free = generator_run(
+            f"{name}: continuous, admitted rows' attention kernel left to PyTorch",
+            model,
+            tokenizer,
+            sentences,
+            new_tokens,
+            size,
+            continuous=True,
+        )
+        generation.ADMIT_ATTENTION = ADMIT_ATTENTION
+        runs.append(free)
         continuous = generator_run(
             f"{name}: continuous", model, tokenizer, sentences, new_tokens, size, continuous=True
         )
         runs.append(continuous)
         pair(results, label, today, continuous)
+        pair(results, f"{label}, admitted rows' kernel", free, continuous)
         if forced:
             handle.remove()
             mean = sum(today["lengths"]) / len(today["lengths"])
             results["realistic_mean_new_tokens"] = round(mean, 1)
         save(args.out, results)
+        if args.profile and not forced:  # apart from the timed runs: the profiler slows what it watches
+            for kind, batched_continuously in (("batches", False), ("continuous", True)):
+                profile_to = Path(args.out).with_suffix(f".profile-{kind}.txt")
+                generator_run(
+                    f"{name}: {kind}, profiled",
+                    model,
+                    tokenizer,
+                    sentences,
+                    new_tokens,
+                    size,
+                    continuous=batched_continuously,
+                    profile_to=profile_to,
+                )
     del model, loaded
     torch.cuda.empty_cache()
 
-    lines = work / "sentences.txt"
-    lines.write_text("".join(text.replace("\n", " ") + "\n" for text in (texts * 100)[: args.extract_sentences]))
-    for flags in ([], ["--continuous-batching"]):
-        output = work / f"out{len(flags)}.jsonl"
-        output.unlink(missing_ok=True)
-        Path(f"{output}.run.json").unlink(missing_ok=True)
-        command = ["extract", str(lines), "--input-format", "lines", "--model", str(folder), "-o", str(output)]
-        command += ["--max-new-tokens", str(cap), "--batch-size", str(size), *flags]
-        torch.cuda.reset_peak_memory_stats()
-        _, seconds = timed(lambda command=command: redistill(command))
-        name = f"`redistill extract` end to end with loading, {args.extract_sentences} sentences {' '.join(flags)}"
-        runs.append(report(name, args.extract_sentences, seconds, 0))
+    if args.extract_sentences:  # 0: skip the end-to-end runs
+        lines = work / "sentences.txt"
+        lines.write_text("".join(text.replace("\n", " ") + "\n" for text in (texts * 100)[: args.extract_sentences]))
+        for flags in ([], ["--continuous-batching"]):
+            output = work / f"out{len(flags)}.jsonl"
+            output.unlink(missing_ok=True)
+            Path(f"{output}.run.json").unlink(missing_ok=True)
+            command = ["extract", str(lines), "--input-format", "lines", "--model", str(folder), "-o", str(output)]
+            command += ["--max-new-tokens", str(cap), "--batch-size", str(size), *flags]
+            torch.cuda.reset_peak_memory_stats()
+            _, seconds = timed(lambda command=command: redistill(command))
+            name = f"`redistill extract` end to end with loading, {args.extract_sentences} sentences {' '.join(flags)}"
+            runs.append(report(name, args.extract_sentences, seconds, 0))
+            save(args.out, results)
+        records = [(work / f"out{flags}.jsonl").read_text().splitlines() for flags in (0, 1)]
+        same = sum(a == b for a, b in zip(*records, strict=True))
+        results["extract identical records"] = f"{same}/{args.extract_sentences}"
         save(args.out, results)
-    records = [(work / f"out{flags}.jsonl").read_text().splitlines() for flags in (0, 1)]
-    same = sum(a == b for a, b in zip(*records, strict=True))
-    results["extract identical records"] = f"{same}/{args.extract_sentences}"
-    save(args.out, results)
     print(json.dumps({key: value for key, value in results.items() if key != "runs"}, indent=1))
     print_table(runs)
 

@@ -6,7 +6,7 @@ In one process on one GPU, on the same sentences, each with a fixed number of ne
 - redistill's generator on the adapter merged in memory (what `redistill extract --model ADAPTER` runs), at several
   batch sizes; on the adapter left unmerged; on the folder `redistill merge` wrote;
 - `redistill extract` end to end on the merged folder (reading the input, writing JSONL), load time apart;
-- a torch.profiler table of one batch of the fastest path;
+- a torch.profiler table of the fastest path's run;
 - with ``--decodings``, the generator at the fastest batch size under each named decoding setting (structured,
   samples, beams: bench/decoding.py's SETTINGS), its batch counted in rows as evaluate.batch_size.
 
@@ -22,6 +22,7 @@ import importlib.util
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from common import build_random_llama3_8b
 from decoding import SETTINGS
 
 from redistill.cli import main as redistill
-from redistill.generation import Generator
+from redistill.generation import Generator, prompt_batches
 from redistill.io import read_records, write_json
 from redistill.merging import merge
 from redistill.models import load_trained, write_trained_with
@@ -70,19 +71,61 @@ def timed(function) -> tuple[object, float]:
 
 
 def generator_run(
-    name, model, tokenizer, texts: list[str], new_tokens: int, batch_size: int, static=None, decoding=None, **options
+    name,
+    model,
+    tokenizer,
+    texts: list[str],
+    new_tokens: int,
+    batch_size: int,
+    static=None,
+    decoding=None,
+    profile_to: Path | None = None,
+    **options,
 ) -> dict:
     """``static``: None is the default (CUDA graphs on a GPU), False the growing cache that drops finished rows;
-    ``options`` go to the Generator (``continuous``)."""
+    ``options`` go to the Generator (``continuous``). ``profile_to``: a torch.profiler table of the timed run."""
     decoding = decoding or SETTINGS["greedy"]
     generator = Generator(
         model, tokenizer, DEFAULT_SYSTEM_PROMPT, new_tokens, batch_size, static=static, decoding=decoding, **options
     )
-    generator.generate(texts[: generator.sentences_per_batch], progress=False)  # warm-up: kernels, graph capture
+    generator.generate(warm_up_texts(generator, texts), progress=False)  # kernels, graph capture
     torch.cuda.reset_peak_memory_stats()
-    outputs, seconds = timed(lambda: generator.generate(texts, progress=False))
+    with profiled(profile_to):
+        outputs, seconds = timed(lambda: generator.generate(texts, progress=False))
     row = report(name, len(texts), seconds, sum(o.new_tokens for o in outputs), batch_size=batch_size)
     return row | {"answers": [output.text for output in outputs], "lengths": [o.new_tokens for o in outputs]}
+
+
+def warm_up_texts(generator: Generator, texts: list[str]) -> list[str]:
+    """The longest of ``texts``, as many as the timed run's largest batch: the warm-up builds (and captures the
+    graph of) the static cache of the timed run's size and length, so no capture falls inside the timed run."""
+    lengths = [len(generator.prompt_ids(text)) for text in texts]
+    rows = max(map(len, prompt_batches(lengths, generator.sentences_per_batch)))
+    longest = sorted(range(len(texts)), key=lambda index: lengths[index])[-rows:]
+    return [texts[index] for index in longest]
+
+
+@contextmanager
+def profiled(out: Path | None):
+    """torch.profiler around the block, its kernel table (by GPU time) written to ``out``; nothing if None."""
+    if out is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    started = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        yield
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    events = prof.key_averages()
+    busy = sum(event.self_device_time_total for event in events) / 1e6
+    summary = f"{seconds:.2f} s wall (profiled), {busy:.2f} s of GPU kernels"
+    table = events.table(sort_by="self_cuda_time_total", row_limit=30)
+    out.write_text(summary + "\n" + table)
+    print(summary, flush=True)
+    print(table[:8000], flush=True)
 
 
 def report(name: str, sentences: int, seconds: float, new_tokens: int, **extra) -> dict:
@@ -137,23 +180,6 @@ def before_run(path: str, model, tokenizer, texts: list[str], new_tokens: int, b
     return report(name, len(texts), seconds, sum(o.new_tokens for o in outputs), batch_size=batch_size)
 
 
-def profile(model, tokenizer, texts: list[str], new_tokens: int, batch_size: int, out: Path) -> None:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    generator = Generator(model, tokenizer, DEFAULT_SYSTEM_PROMPT, new_tokens, batch_size)
-    generator.generate(texts[:batch_size], progress=False)
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        _, seconds = timed(lambda: generator.generate(texts[:batch_size], progress=False))
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
-    events = prof.key_averages()
-    busy = sum(event.self_device_time_total for event in events) / 1e6
-    summary = f"one batch of {batch_size}, {new_tokens} new tokens: {seconds:.2f} s wall, {busy:.2f} s of GPU kernels"
-    out.write_text(summary + "\n" + table)
-    print(summary, flush=True)
-    print(table[:6000], flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", required=True)
@@ -197,7 +223,9 @@ def main() -> None:
     same = sum(a == b for a, b in zip(growing["answers"], best["answers"], strict=True))
     results["graph_vs_growing_cache_identical_answers"] = f"{same}/{len(texts)}"
     print(f"identical answers, growing cache vs graph: {same}/{len(texts)}", flush=True)
-    profile(model, tokenizer, texts, args.new_tokens, best["batch_size"], Path(args.out).with_suffix(".profile.txt"))
+    name = f"{best['run']}, profiled"
+    profile_to = Path(args.out).with_suffix(".profile.txt")
+    generator_run(name, model, tokenizer, texts, args.new_tokens, best["batch_size"], profile_to=profile_to)
     for setting in args.decodings.split(",") if args.decodings else []:
         name = f"adapter merged in memory, static cache + CUDA graph, batch {best['batch_size']} rows, {setting}"
         decoding = SETTINGS[setting]

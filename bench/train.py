@@ -147,7 +147,9 @@ def child(argv: list[str]) -> None:
         parser.add_argument(name, required=True)
     parser.add_argument("--speedups", default="{}", help="Speedups' fields to set (JSON)")
     parser.add_argument("--profile", type=int, default=0)
+    parser.add_argument("--inductor", default="{}", help="torch._inductor.config settings (JSON, dotted keys)")
     args = parser.parse_args(argv)
+    torch._inductor.config.patch(json.loads(args.inductor)).__enter__()  # for the whole process
     params = bench_params(args.model, {"train": json.loads(args.overrides)})
     speedups = Speedups(**json.loads(args.speedups))
     if not speedups.packed_attention:  # a global switch, not train()'s: packed rows through SDPA, as before varlen
@@ -191,7 +193,14 @@ def run_argv(name: str, args: argparse.Namespace, model: Path, rows_file: Path, 
     argv += ["--overrides", json.dumps(run.train_overrides(args.steps)), "--result", str(result)]
     argv += ["--speedups", json.dumps(dataclasses.asdict(run.speedups))]
     argv += ["--profile", str(run.profile or (0 if run.whole_epochs else args.profile))]
+    argv += ["--inductor", json.dumps(dict(args.inductor))]
     return argv
+
+
+def inductor_setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE, VALUE read as JSON (false, 8, "x")."""
+    key, _, value = text.partition("=")
+    return key, json.loads(value)
 
 
 def main() -> None:
@@ -201,6 +210,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="optimiser steps of the timed runs")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated: {NOTEBOOK}, {', '.join(RUNS)}")
     parser.add_argument("--profile", type=int, default=0, help="profile this many steps of each timed run (0: none)")
+    parser.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        type=inductor_setting,
+        help="a torch._inductor.config setting for every run, e.g. triton.cudagraph_trees=false (repeatable)",
+    )
     parser.add_argument("--run-timeout", type=int, default=600, help="seconds before a run is stopped")
     parser.add_argument("--work", default="bench-work")
     parser.add_argument("--out", required=True)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from redistill.decoding import GREEDY, Decoding, distinct_triples, triples_text, vote
@@ -44,6 +45,10 @@ SYNC_EVERY = 8
 # Rows prefilled together when continuous batching gives rows new sentences: enough tokens for efficient matrix
 # products, few enough that their cache apart (every layer, the prefix copied in) stays a few GiB on an 8B model.
 ADMIT_ROWS = 256
+# The attention kernels a continuous batch's admitted rows are prefilled with. Left free, PyTorch takes cuDNN's for
+# masked half-precision attention on recent GPUs, which builds a plan on the host for every new shape, and admitted
+# chunks come in ever new shapes (rows x width); these kernels need no plan.
+ADMIT_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -270,7 +275,8 @@ class StaticGraphCache:
         the prefix is blocked to the row. Positions continue each row's own sentence."""
         inputs = inputs.repeated()
         apart = GrowingCache(self.model)
-        logits = apart.prefill(inputs)
+        with sdpa_kernel(ADMIT_ATTENTION):
+            logits = apart.prefill(inputs)
         prefix_length, width = self.prefix_length, inputs.input_ids.shape[1]
         ring = self.mask.shape[-1] - prefix_length
         offsets = torch.arange(self.column - prefix_length - width, self.column - prefix_length, device=rows.device)
