@@ -77,6 +77,9 @@ RUNS = {
     "fast-16-2-epochs": Run("fast", BATCH_16, whole_epochs=True),
     "fast-fused": Run("fast", FUSED),
     "fast-graphs": Run("fast", GRAPHS),
+    # Which part of fast-graphs crashes: the padded rows alone, or compiled with them (no graphs).
+    "fast-row-padded": Run("fast", {"row_length_multiple": GRAPHS["row_length_multiple"]}),
+    "fast-compiled-row-padded": Run("fast", {**COMPILED, "row_length_multiple": GRAPHS["row_length_multiple"]}),
     "fast-fused-2-epochs": Run("fast", FUSED, whole_epochs=True),
     "fast-graphs-2-epochs": Run("fast", GRAPHS, whole_epochs=True),
     "fast-profiled": Run("fast", profile=3),  # its rate includes the profiler's overhead
