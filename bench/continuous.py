@@ -37,6 +37,7 @@ from redistill.generation import ADMIT_ATTENTION
 from redistill.models import load_trained, write_trained_with
 from redistill.prompts import CHATML_TEMPLATE, DEFAULT_SYSTEM_PROMPT, answer_text, stop_token_ids
 
+EVERY_KERNEL = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 COUNTDOWN = 1000  # forced answers count down through tokens COUNTDOWN + 1 ...: plain word pieces in any 49k vocabulary
 
 
@@ -118,7 +119,7 @@ def main() -> None:
         name = f"{label}, {len(sentences)} sentences, {new_tokens} new tokens at most, batch {size}"
         today = generator_run(f"{name}: batch by batch", model, tokenizer, sentences, new_tokens, size)
         runs.append(today)
-        generation.ADMIT_ATTENTION = list(SDPBackend)  # as before: PyTorch picks (cuDNN's, planned per shape)
+        generation.ADMIT_ATTENTION = EVERY_KERNEL  # as before: PyTorch picks (cuDNN's, planned per shape)
         free = generator_run(
             f"{name}: continuous, admitted rows' attention kernel left to PyTorch",
             model,

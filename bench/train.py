@@ -57,8 +57,9 @@ class Run:
 BATCH_16 = {"batch_size": 16, "learning_rate": 2.83e-4}
 COMPILED = {"compile": True}
 FUSED = {"fused_lora": True}
-# Compiled layers replayed as CUDA graphs, the rows padded up to a multiple of 256 tokens (~11% padding at ~1,170).
-GRAPHS = {**COMPILED, "cuda_graphs": True, "row_length_multiple": 256}
+# Rows padded up to a multiple of 256 tokens (~11% padding at ~1,170), as CUDA graphs need; the layers replayed.
+ROW_PADDED = {"row_length_multiple": 256}
+GRAPHS = {**ROW_PADDED, "cuda_graphs": True}
 RUNS = {
     "post": Run("post"),
     "low_memory": Run("low_memory"),
@@ -76,10 +77,11 @@ RUNS = {
     "fast-compiled-2-epochs": Run("fast", COMPILED, whole_epochs=True),
     "fast-16-2-epochs": Run("fast", BATCH_16, whole_epochs=True),
     "fast-fused": Run("fast", FUSED),
+    "fast-row-padded": Run("fast", ROW_PADDED),  # fast-graphs' rows, eager
+    "fast-compiled-row-padded": Run("fast", {**COMPILED, **ROW_PADDED}),
     "fast-graphs": Run("fast", GRAPHS),
-    # Which part of fast-graphs crashes: the padded rows alone, or compiled with them (no graphs).
-    "fast-row-padded": Run("fast", {"row_length_multiple": GRAPHS["row_length_multiple"]}),
-    "fast-compiled-row-padded": Run("fast", {**COMPILED, "row_length_multiple": GRAPHS["row_length_multiple"]}),
+    "fast-graphs-fused": Run("fast", {**GRAPHS, **FUSED}),
+    "fast-graphs-compiled": Run("fast", {**GRAPHS, **COMPILED}),
     "fast-fused-2-epochs": Run("fast", FUSED, whole_epochs=True),
     "fast-graphs-2-epochs": Run("fast", GRAPHS, whole_epochs=True),
     "fast-profiled": Run("fast", profile=3),  # its rate includes the profiler's overhead

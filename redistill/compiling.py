@@ -1,11 +1,10 @@
-"""train.compile: the decoder layers compiled in place, optionally replayed as CUDA graphs (train.cuda_graphs), with
-the compiler's caches on disk so that compiling is paid once per machine and model, not once per run."""
+"""train.compile: the decoder layers compiled in place, with the compiler's caches on disk so that compiling is paid
+once per machine and model, not once per run."""
 
 import os
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 # Under the user's cache folder, not /tmp (inductor's default): kept across reboots and `dvc exp run`s.
 COMPILE_CACHE = Path.home() / ".cache" / "redistill" / "inductor"
@@ -21,22 +20,11 @@ def keep_compile_caches(folder: Path = COMPILE_CACHE) -> None:
     torch._functorch.config.enable_autograd_cache = True
 
 
-def compile_decoder_layers(model, cuda_graphs: bool) -> None:
+def compile_decoder_layers(model) -> None:
     """torch.compile each decoder layer in place (the adapter's keys stay as they are). The layers share their code,
     so they share one compiled graph (regional compilation: one layer's compile time, not the model's); row lengths
-    are dynamic from the start, so a new packed length compiles nothing. With ``cuda_graphs`` (reduce-overhead
-    mode), each layer's forward and backward replay as CUDA graphs, one recorded per row length (hence padded rows);
-    on a CPU that mode compiles as the default one."""
+    are dynamic from the start, so a new packed length compiles nothing."""
     keep_compile_caches()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    mode = "reduce-overhead" if cuda_graphs else None
     for layer in base.get_decoder().layers:
-        layer.compile(dynamic=True, mode=mode)
-
-
-class CudaGraphSteps(TrainerCallback):
-    """Tells CUDA graph trees where each optimiser step begins, so that a step's replays may reuse the memory of the
-    previous step's outputs (its activations and gradients are dead by then)."""
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        torch.compiler.cudagraph_mark_step_begin()
+        layer.compile(dynamic=True)

@@ -2,9 +2,10 @@
 
 A CUDA graph replays fixed shapes: a packed row of 8 examples has a new length almost every step, and every new
 length would record (and keep) a new graph. Padded up to a multiple of, say, 256 tokens, the post's rows come in a
-few lengths. The padding is one more example in the row: its own position ids (0, 1, ...), so that attention keeps
-it to itself (the varlen kernel's boundaries, or SDPA's block mask, both built from them), and labels of -100, so
-the loss and every gradient are the same as without it (tests/test_row_padding.py). The longest-example length that
+few lengths. The padding is one more example in every row (a row's count of examples is then fixed too): its own
+position ids (0, 1, ...), so that attention keeps it to itself (the varlen kernel's boundaries, or SDPA's block mask,
+both built from them), and labels of -100, so the loss and every gradient are the same as without it
+(tests/test_row_padding.py). The longest-example length that
 the varlen kernel takes becomes the row's length, a bound as valid and the same for every row of that length.
 """
 
@@ -23,11 +24,9 @@ class PaddedRows:
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.collate(examples)
         length = batch["input_ids"].shape[1]
-        padding = -length % self.multiple
+        padding = -length % self.multiple or self.multiple  # a row already of such a length gets one too
         batch[ROW_PADDING] = padding
         batch["max_length_q"] = batch["max_length_k"] = length + padding
-        if not padding:
-            return batch
         batch["input_ids"] = _extend(batch["input_ids"], torch.full((padding,), self.pad_token_id))
         batch["labels"] = _extend(batch["labels"], torch.full((padding,), -100))
         batch["position_ids"] = _extend(batch["position_ids"], torch.arange(padding))

@@ -143,8 +143,9 @@ class TrainParams:
         "first run; later runs load the compiled code from `~/.cache/redistill/inductor` ([training.md](training.md))"
     )
     cuda_graphs: bool = param(
-        "with `train.compile`, the compiled layers replay as CUDA graphs (torch.compile's `reduce-overhead` mode): "
-        "the CPU issues one launch per layer instead of ~100, on a GPU; needs `train.row_length_multiple`"
+        "the decoder layers' forward and backward recorded as CUDA graphs and replayed, one launch each instead of "
+        "thousands a step, on a GPU; needs `train.row_length_multiple` and `train.grad_accum: 1` "
+        "([training.md](training.md))"
     )
     row_length_multiple: int = param(
         "with `train.packing`, each packed row is padded up to a multiple of this many tokens (one dummy example, "
@@ -206,10 +207,15 @@ class TrainParams:
 
     def validate(self) -> None:
         require(
-            not self.cuda_graphs or (self.compile and self.row_length_multiple > 0),
+            not self.cuda_graphs or self.row_length_multiple > 0,
             "train.cuda_graphs",
-            "needs train.compile: true and a train.row_length_multiple (a CUDA graph is recorded for every new row "
-            "length)",
+            "needs a train.row_length_multiple, e.g. 256 (a CUDA graph is recorded for every new row length)",
+        )
+        require(
+            not self.cuda_graphs or (self.grad_accum == 1 and not self.needs_launch and self.quantization == "none"),
+            "train.cuda_graphs",
+            "needs train.grad_accum: 1, one process and train.quantization: none (the replayed backward writes the "
+            "gradients into buffers of its own)",
         )
         require(
             self.row_length_multiple == 0 or self.packing,

@@ -18,7 +18,8 @@ from trl import SFTTrainer
 from redistill.attention import packed_attention_available, use_packed_attention
 from redistill.callbacks import ExamplesSeenDVCLive, LossInProgressBar, StepClock
 from redistill.checkpoints import fingerprint, last_checkpoint
-from redistill.compiling import CudaGraphSteps, compile_decoder_layers
+from redistill.compiling import compile_decoder_layers
+from redistill.cuda_graphs import cuda_graph_layers
 from redistill.errors import PipelineError
 from redistill.fused_lora import fused_lora
 from redistill.io import atomic_dir
@@ -239,9 +240,7 @@ def build_trainer(model, config, examples: Examples, tokenizer, params: TrainPar
             # The first layer's input then asks for gradients as the others' do, so all layers share one compiled
             # graph instead of two; the cost is the first layer's input gradient, ~1% of a step.
             trainer.model.enable_input_require_grads()
-        compile_decoder_layers(trainer.model, cuda_graphs=params.cuda_graphs)
-        if params.cuda_graphs:
-            trainer.add_callback(CudaGraphSteps)
+        compile_decoder_layers(trainer.model)
     return trainer
 
 
@@ -258,6 +257,7 @@ def run(trainer, resume: str | None, params: TrainParams, env: Environment, spee
         with (
             disable_input_dtype_casting(trainer.model, active=env.bf16 and speedups.skip_input_casts),
             fused_lora(trainer.model, active=params.fused_lora),
+            cuda_graph_layers(trainer.model, active=params.cuda_graphs),
         ):
             return trainer.train(resume_from_checkpoint=resume)
     except torch.OutOfMemoryError:

@@ -1,0 +1,161 @@
+"""train.cuda_graphs: the decoder layers' forward and backward recorded once as CUDA graphs, then replayed.
+
+At the post's 8 examples a step (~1,170 tokens) the GPU waits on the CPU: profiled on an H200, a step issues ~4,800
+kernel launches, and the GPU is busy 121 ms of a 340 ms step (BENCHMARKS.md). Replayed, the layers' whole forward is
+one launch and their whole backward another; what stays eager is the embedding, the final norm, the head and loss,
+and the optimiser step.
+
+A graph replays fixed shapes, so packed rows are padded to a few lengths (train.row_length_multiple, which always adds
+its dummy example: the count of examples in a row is fixed too). One forward and one backward graph are recorded for
+each row length the first time it comes. They share one memory pool and keep only their inputs and output apart: the
+activations that a forward saves for its backward are dead once that backward has run, so a step of one length may
+reuse the memory of the last step of another. The adapters' gradients are copied, inside the backward graph, into one
+set of buffers that every length shares, and attached as the parameters' ``.grad``; so the optimiser, gradient
+clipping and zeroing are the trainer's own. That needs one micro-batch per optimiser step (train.grad_accum: 1):
+the next backward overwrites the buffers.
+
+Not torch.compile's ``reduce-overhead`` mode: on an H200 its compiled backward crashed the process (a segmentation
+fault on the first step, with and without CUDA graph trees); the layers here may still be compiled (train.compile),
+and their compiled kernels are then what the graphs record.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+WARMUP_STEPS = 2  # eager runs of a new row length before it is recorded (cuBLAS and compiled code settle first)
+
+
+@dataclass
+class Recording:
+    """The graphs of one row length: their inputs, output and output gradient at fixed addresses."""
+
+    forward: torch.cuda.CUDAGraph
+    backward: torch.cuda.CUDAGraph
+    inputs: tuple[torch.Tensor, ...]  # hidden states, cos, sin, example boundaries
+    output: torch.Tensor
+    grad_output: torch.Tensor
+    grad_input: torch.Tensor | None  # where the hidden states ask for a gradient (train.compile's first layer)
+
+
+class ReplayLayers(torch.autograd.Function):
+    """The layers' forward as a replay; its backward replays the backward graph and attaches the adapters' gradients.
+    ``anchor`` is a trainable parameter, so that the output asks for a gradient when the hidden states don't."""
+
+    @staticmethod
+    def forward(ctx, layers: "GraphedLayers", recording: Recording, anchor, *inputs):
+        for static, live in zip(recording.inputs, inputs, strict=True):
+            static.copy_(live)
+        recording.forward.replay()
+        ctx.layers, ctx.recording = layers, recording
+        return recording.output.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        recording = ctx.recording
+        recording.grad_output.copy_(grad_output)
+        recording.backward.replay()
+        ctx.layers.attach_gradients()
+        return None, None, None, recording.grad_input, None, None, None
+
+
+class GraphedLayers:
+    """Stands in for a decoder's ``layers`` attribute, which the decoder's forward loops over: that loop finds one
+    callable that runs every layer. The layers stay registered where they were, so parameter names, the state dict and
+    the saved adapter are unchanged."""
+
+    def __init__(self, layers: torch.nn.ModuleList) -> None:
+        self.layers = layers
+        self.trainable = [parameter for parameter in layers.parameters() if parameter.requires_grad]
+        self.gradients: list[torch.Tensor] | None = None
+        self.recordings: dict[tuple, Recording] = {}
+        self.seen: dict[tuple, int] = {}
+        self.pool = None
+
+    def __getitem__(self, index: slice) -> list["GraphedLayers"]:
+        return [self]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __call__(self, hidden_states, *, position_embeddings, cu_seq_lens_q=None, max_length_q=None, **kwargs):
+        if not self._replayable(hidden_states, cu_seq_lens_q, max_length_q):
+            return self.run(hidden_states, position_embeddings, cu_seq_lens_q, max_length_q, **kwargs)
+        key = (hidden_states.shape[1], cu_seq_lens_q.numel(), max_length_q, hidden_states.requires_grad)
+        inputs = (hidden_states, *position_embeddings, cu_seq_lens_q)
+        if key not in self.recordings:
+            self.seen[key] = self.seen.get(key, 0) + 1
+            if self.seen[key] <= WARMUP_STEPS:
+                return self.run(hidden_states, position_embeddings, cu_seq_lens_q, max_length_q, **kwargs)
+            self.recordings[key] = self._record(inputs, max_length_q)
+        return ReplayLayers.apply(self, self.recordings[key], self.trainable[0], *inputs)
+
+    def run(self, hidden_states, position_embeddings, cu_seq_lens_q, max_length_q, **kwargs):
+        """The layers one after another, as the decoder's own loop runs them."""
+        packed = {} if cu_seq_lens_q is None else {"cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_q}
+        if max_length_q is not None:
+            packed |= {"max_length_q": max_length_q, "max_length_k": max_length_q}
+        kwargs = {name: value for name, value in kwargs.items() if name not in ("cu_seq_lens_k", "max_length_k")}
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings=position_embeddings, **packed, **kwargs)
+        return hidden_states
+
+    def attach_gradients(self) -> None:
+        for parameter, gradient in zip(self.trainable, self.gradients, strict=True):
+            if parameter.grad is None:
+                parameter.grad = gradient
+            else:
+                parameter.grad.add_(gradient)
+
+    def _replayable(self, hidden_states, cu_seq_lens_q, max_length_q) -> bool:
+        """A training step's packed row on a GPU: what the graphs were recorded for."""
+        return (
+            hidden_states.is_cuda
+            and torch.is_grad_enabled()
+            and self.layers[0].training
+            and cu_seq_lens_q is not None
+            and isinstance(max_length_q, int)
+            and hidden_states.shape[0] == 1
+            and bool(self.trainable)
+        )
+
+    def _record(self, inputs: tuple[torch.Tensor, ...], max_length: int) -> Recording:
+        """Records the layers' forward and backward at these inputs' shapes (after WARMUP_STEPS eager steps)."""
+        if self.gradients is None:
+            self.gradients = [torch.empty_like(parameter) for parameter in self.trainable]
+            self.pool = torch.cuda.graph_pool_handle()
+        static = tuple(tensor.detach().clone().requires_grad_(tensor.requires_grad) for tensor in inputs)
+        hidden, cos, sin, boundaries = static
+        wants = self.trainable + ([hidden] if hidden.requires_grad else [])
+        forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        # Autocast's cache of cast weights would be recorded as it is now, not follow the adapters' updates.
+        dtype = torch.get_autocast_dtype("cuda")
+        with torch.autocast("cuda", dtype=dtype, enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
+            torch.cuda.synchronize()
+            with torch.cuda.graph(forward, pool=self.pool):
+                output = self.run(hidden, (cos, sin), boundaries, max_length)
+            grad_output = torch.empty_like(output)
+            with torch.cuda.graph(backward, pool=self.pool):
+                gradients = torch.autograd.grad(output, wants, grad_output)
+                torch._foreach_copy_(self.gradients, list(gradients[: len(self.trainable)]))
+            grad_input = gradients[-1] if hidden.requires_grad else None
+        # Only the inputs, output and gradients stay: the saved activations are freed for the other lengths' graphs.
+        return Recording(forward, backward, static, output.detach(), grad_output, grad_input)
+
+
+@contextmanager
+def cuda_graph_layers(model: torch.nn.Module, active: bool = True) -> Iterator[None]:
+    """Within the block, ``model``'s decoder runs its layers through `GraphedLayers` (on a GPU; as before elsewhere)."""
+    if not active:
+        yield
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder()
+    # The instance attribute shadows the registered module for attribute lookup only: `_modules` keeps the layers.
+    object.__setattr__(decoder, "layers", GraphedLayers(decoder._modules["layers"]))
+    try:
+        yield
+    finally:
+        del decoder.__dict__["layers"]

@@ -1,0 +1,91 @@
+"""train.cuda_graphs: the settings it needs; on a CPU it trains as eager; on a GPU the replayed layers give eager's
+loss and every adapter gradient."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_packing import examples
+from test_training import tiny_train_params, train_tiny
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from redistill import attention
+from redistill.cuda_graphs import WARMUP_STEPS, GraphedLayers, cuda_graph_layers
+from redistill.params import ParamError
+from redistill.row_padding import ROW_PADDING, PaddedRows
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"row_length_multiple": 0}, "train.cuda_graphs needs a train.row_length_multiple"),
+        ({"grad_accum": 2}, "train.cuda_graphs needs train.grad_accum: 1"),
+        ({"num_processes": 2}, "train.cuda_graphs needs train.grad_accum: 1, one process"),
+    ],
+)
+def test_cuda_graphs_refuse_the_settings_they_cannot_work_with(changes, message):
+    params = tiny_train_params(**{"packing": True, "cuda_graphs": True, "row_length_multiple": 64, **changes})
+    with pytest.raises(ParamError, match=f"^params.yaml: {message}"):
+        params.validate()
+
+
+def test_on_a_cpu_the_layers_train_as_eager_and_are_theirs_again_after(tiny_student, tmp_path):
+    runs = {}
+    for graphs in (False, True):
+        params = tiny_train_params(packing=True, row_length_multiple=64, cuda_graphs=graphs, max_steps=3)
+        runs[graphs] = train_tiny(tiny_student, params, 12, tmp_path / str(graphs))
+    assert runs[True]["cuda_graphs"] is True
+    assert runs[True]["final_loss"] == pytest.approx(runs[False]["final_loss"], rel=1e-6)
+    keys = []
+    for graphs in (False, True):
+        with safe_open(tmp_path / str(graphs) / "adapter" / "adapter_model.safetensors", "pt") as adapter:
+            keys.append(sorted(adapter.keys()))
+    assert keys[0] == keys[1]  # the layers stayed registered where they were
+
+
+def test_the_stand_in_is_the_decoders_layers_only_within_the_block(tiny):
+    model, _ = tiny
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    with cuda_graph_layers(model):
+        assert isinstance(decoder.layers, GraphedLayers)
+        assert decoder.layers[: model.config.num_hidden_layers] == [decoder.layers]
+        keys = list(model.state_dict())
+    assert decoder.layers is layers
+    assert keys == list(model.state_dict())
+
+
+@pytest.mark.skipif(not attention.packed_attention_available(torch.bfloat16), reason="needs a CUDA GPU")
+def test_replayed_layers_give_eagers_loss_and_gradients_on_the_gpu(tiny_student):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, batch = examples()
+    collate = PaddedRows(
+        DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True),
+        64,
+        tokenizer.pad_token_id,
+    )
+    rows = [collate(batch), collate(batch[:2])]  # two row lengths, two counts of examples
+    model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.bfloat16).cuda()
+    attention.use_packed_attention(model)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = get_peft_model(model, lora).train()
+
+    def step(row) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in row.items() if k != ROW_PADDING}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**inputs, use_cache=False).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    eager = [step(row) for row in rows]
+    with cuda_graph_layers(model):
+        stand_in = model.get_decoder().layers
+        for _ in range(WARMUP_STEPS + 2):  # eager steps, then recorded, then replayed
+            replayed = [step(row) for row in rows]
+        assert len(stand_in.recordings) == 2
+    for (loss, gradients), (eager_loss, eager_gradients) in zip(replayed, eager, strict=True):
+        assert loss == pytest.approx(eager_loss, rel=1e-3)
+        for gradient, eager_gradient in zip(gradients, eager_gradients, strict=True):
+            torch.testing.assert_close(gradient, eager_gradient, rtol=2e-2, atol=1e-3)
