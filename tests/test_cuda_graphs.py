@@ -65,7 +65,7 @@ def test_replayed_layers_give_eagers_loss_and_gradients_on_the_gpu(tiny_student)
         64,
         tokenizer.pad_token_id,
     )
-    rows = [collate(batch), collate(batch[:2])]  # two row lengths, two counts of examples
+    rows = [collate(batch), collate(batch[:2])]  # two counts of examples: two recordings
     model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.bfloat16).cuda()
     attention.use_packed_attention(model)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -81,7 +81,7 @@ def test_replayed_layers_give_eagers_loss_and_gradients_on_the_gpu(tiny_student)
 
     eager = [step(row) for row in rows]
     with cuda_graph_layers(model):
-        stand_in = model.get_decoder().layers
+        stand_in = model.get_base_model().get_decoder().layers
         for _ in range(WARMUP_STEPS + 2):  # eager steps, then recorded, then replayed
             replayed = [step(row) for row in rows]
         assert len(stand_in.recordings) == 2

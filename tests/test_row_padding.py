@@ -31,8 +31,9 @@ def test_a_padded_row_holds_the_examples_then_one_dummy_example_up_to_the_multip
     assert row["cu_seq_lens_q"] is row["cu_seq_lens_k"] and row["cu_seq_lens_q"].dtype == torch.int32
     assert row["max_length_q"] == row["max_length_k"] == length + padding  # one value per row length
     assert row["seq_idx"][0, length:].unique().tolist() == [len(batch)]
-    exact = PaddedRows(packed, length, tokenizer.pad_token_id)(batch)
-    assert exact[ROW_PADDING] == 0 and torch.equal(exact["input_ids"], plain["input_ids"])
+    exact = PaddedRows(packed, length, tokenizer.pad_token_id)(batch)  # a row of a multiple's length gets one too
+    assert exact[ROW_PADDING] == length and len(exact["cu_seq_lens_q"]) == len(row["cu_seq_lens_q"])
+    assert torch.equal(exact["input_ids"][:, :length], plain["input_ids"])
 
 
 def loss_and_gradients(model, inputs):
