@@ -50,7 +50,8 @@ demo: setup demo/dvc.yaml  ## run the pipeline offline on the shipped demo corpu
 # them one at a time in temporary copies of the git workspace: `-C dvc.lock` lends each the demo's untracked lock file,
 # so the stages a setting does not touch are skipped. The loop waits for the queue to drain, then stops the worker
 # and fails if an experiment did (`dvc queue logs NAME` shows why). A re-run replaces the sweep's experiments; the
-# queue's record of failed runs is cleared first.
+# queue's record of failed runs is cleared first. The comparison shows the experiments of the commit they were queued
+# on, even if another was committed meanwhile.
 SWEEP_GREEDY := -S evaluate.decoding.samples=1 -S evaluate.decoding.temperature=0 -S evaluate.decoding.min_votes=1
 SWEEP_VOTES := -S evaluate.decoding.samples=8 -S evaluate.decoding.temperature=0.7 -S evaluate.decoding.min_votes=3
 SWEEP_KEEP := Experiment|State|train\.method|train\.learning_rate|evaluate\.decoding\.(samples|min_votes)|finetuned\.(exact|lenient)\.f1
@@ -58,6 +59,7 @@ sweep: setup demo/dvc.yaml  ## queue and run a small grid of experiments in demo
 	@[ -f demo/dvc.lock ] || $(MAKE) demo
 	@git config user.email >/dev/null || export GIT_AUTHOR_NAME=redistill GIT_AUTHOR_EMAIL=redistill@localhost \
 		GIT_COMMITTER_NAME=redistill GIT_COMMITTER_EMAIL=redistill@localhost; \
+	base=$$(git rev-parse HEAD) && \
 	cd demo && { $(DVC) exp remove sweep-lora-greedy sweep-lora-votes sweep-full-greedy sweep-full-votes \
 		>/dev/null 2>&1; $(DVC) queue remove --failed >/dev/null 2>&1; true; } && \
 	$(DVC) exp run --queue -C dvc.lock --name sweep-lora-greedy -S train.method=lora -S 'evaluate.models=[finetuned]' $(SWEEP_GREEDY) && \
@@ -67,7 +69,7 @@ sweep: setup demo/dvc.yaml  ## queue and run a small grid of experiments in demo
 	$(DVC) queue start --jobs 1 && \
 	while $(DVC) queue status | grep -qE '\b(Queued|Running)\b'; do sleep 15; done; \
 	$(DVC) queue stop >/dev/null; $(DVC) queue status; \
-	$(DVC) exp show --drop '.*' --keep '$(SWEEP_KEEP)'; \
+	$(DVC) exp show --rev $$base --drop '.*' --keep '$(SWEEP_KEEP)'; \
 	! $(DVC) queue status | grep -qE '\bFailed\b'
 
 demo/dvc.yaml: dvc.yaml redistill/demo.py | $(VENV)/.installed  # the demo's pipeline is the project's
