@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from redistill.models import decoder_of
+
 # Under the user's cache folder, not /tmp (inductor's default): kept across reboots and `dvc exp run`s.
 COMPILE_CACHE = Path.home() / ".cache" / "redistill" / "inductor"
 
@@ -25,6 +27,5 @@ def compile_decoder_layers(model) -> None:
     so they share one compiled graph (regional compilation: one layer's compile time, not the model's); row lengths
     are dynamic from the start, so a new packed length compiles nothing."""
     keep_compile_caches()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for layer in base.get_decoder().layers:
+    for layer in decoder_of(model).layers:
         layer.compile(dynamic=True)

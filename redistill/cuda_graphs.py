@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from redistill.models import decoder_of
+
 WARMUP_STEPS = 2  # eager runs of a new row length before it is recorded (cuBLAS and compiled code settle first)
 
 
@@ -80,26 +82,23 @@ class GraphedLayers:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def __call__(self, hidden_states, *, position_embeddings, cu_seq_lens_q=None, max_length_q=None, **kwargs):
-        if not self._replayable(hidden_states, cu_seq_lens_q, max_length_q):
-            return self.run(hidden_states, position_embeddings, cu_seq_lens_q, max_length_q, **kwargs)
-        key = (hidden_states.shape[1], cu_seq_lens_q.numel(), max_length_q, hidden_states.requires_grad)
-        inputs = (hidden_states, *position_embeddings, cu_seq_lens_q)
+    def __call__(self, hidden_states, **kwargs):
+        cu_seq_lens, max_length = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+        if not self._replayable(hidden_states, cu_seq_lens, max_length):
+            return self.run(hidden_states, **kwargs)
+        key = (hidden_states.shape[1], cu_seq_lens.numel(), max_length, hidden_states.requires_grad)
+        inputs = (hidden_states, *kwargs["position_embeddings"], cu_seq_lens)
         if key not in self.recordings:
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] <= WARMUP_STEPS:
-                return self.run(hidden_states, position_embeddings, cu_seq_lens_q, max_length_q, **kwargs)
-            self.recordings[key] = self._record(inputs, max_length_q)
+                return self.run(hidden_states, **kwargs)
+            self.recordings[key] = self._record(inputs, max_length)
         return ReplayLayers.apply(self, self.recordings[key], self.trainable[0], *inputs)
 
-    def run(self, hidden_states, position_embeddings, cu_seq_lens_q, max_length_q, **kwargs):
+    def run(self, hidden_states, **kwargs):
         """The layers one after another, as the decoder's own loop runs them."""
-        packed = {} if cu_seq_lens_q is None else {"cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_q}
-        if max_length_q is not None:
-            packed |= {"max_length_q": max_length_q, "max_length_k": max_length_q}
-        kwargs = {name: value for name, value in kwargs.items() if name not in ("cu_seq_lens_k", "max_length_k")}
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings=position_embeddings, **packed, **kwargs)
+            hidden_states = layer(hidden_states, **kwargs)
         return hidden_states
 
     def attach_gradients(self) -> None:
@@ -134,8 +133,10 @@ class GraphedLayers:
         dtype = torch.get_autocast_dtype("cuda")
         with torch.autocast("cuda", dtype=dtype, enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
             torch.cuda.synchronize()
+            packed = {"cu_seq_lens_q": boundaries, "cu_seq_lens_k": boundaries}
+            packed |= {"max_length_q": max_length, "max_length_k": max_length}
             with torch.cuda.graph(forward, pool=self.pool):
-                output = self.run(hidden, (cos, sin), boundaries, max_length)
+                output = self.run(hidden, position_embeddings=(cos, sin), **packed)
             grad_output = torch.empty_like(output)
             with torch.cuda.graph(backward, pool=self.pool):
                 gradients = torch.autograd.grad(output, wants, grad_output)
@@ -151,8 +152,7 @@ def cuda_graph_layers(model: torch.nn.Module, active: bool = True) -> Iterator[N
     if not active:
         yield
         return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder()
+    decoder = decoder_of(model)
     # The instance attribute shadows the registered module for attribute lookup only: `_modules` keeps the layers.
     object.__setattr__(decoder, "layers", GraphedLayers(decoder._modules["layers"]))
     try:

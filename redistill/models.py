@@ -109,6 +109,12 @@ def load_base(model: str, dtype, device: str | None, quantization: str = "none",
     return loaded if device is None or device.startswith("cuda") else loaded.to(device)
 
 
+def decoder_of(model):
+    """The decoder (embeddings, layers, final norm) of a causal LM, under peft's wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
 def is_adapter(folder: Path) -> bool:
     return (Path(folder) / "adapter_config.json").is_file()
 

@@ -5,8 +5,8 @@ length would record (and keep) a new graph. Padded up to a multiple of, say, 256
 few lengths. The padding is one more example in every row (a row's count of examples is then fixed too): its own
 position ids (0, 1, ...), so that attention keeps it to itself (the varlen kernel's boundaries, or SDPA's block mask,
 both built from them), and labels of -100, so the loss and every gradient are the same as without it
-(tests/test_row_padding.py). The longest-example length that
-the varlen kernel takes becomes the row's length, a bound as valid and the same for every row of that length.
+(tests/test_row_padding.py). The longest-example length that the varlen kernel takes becomes the row's length, a
+bound as valid and the same for every row of that length.
 """
 
 import torch
