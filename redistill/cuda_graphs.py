@@ -27,7 +27,7 @@ import torch
 
 from redistill.models import decoder_of
 
-WARMUP_STEPS = 2  # eager runs of a new row length before it is recorded (cuBLAS and compiled code settle first)
+WARMUP_STEPS = 1  # eager runs of a new row length before it is recorded (cuBLAS and compiled code settle first)
 
 
 @dataclass

@@ -156,6 +156,11 @@ class TrainParams:
         "each LoRA projection as one autograd function: fewer kernels and casts a step than peft's modules, the "
         "same numbers up to rounding ([training.md](training.md))"
     )
+    liger_kernels: bool = param(
+        "Liger's Triton kernels for the RMS norms, the SwiGLU product and the rotary embedding in place of the "
+        "model's own, on a GPU: one fused kernel each instead of several; needs `pip install liger-kernel` "
+        "([training.md](training.md))"
+    )
     group_by_length: bool = param(
         "batch sentences of similar length together (less padding, faster, same data); `false`: plain random batches"
     )

@@ -348,6 +348,7 @@ def test_a_checkpoint_killed_while_being_saved_is_skipped_and_removed(tmp_path):
         ({"student__model": "models/nowhere"}, "student.model: no model folder at models/nowhere"),
         ({"train__quantization": "nf4"}, "train.quantization: nf4 needs a CUDA GPU"),
         ({"train__optim": "adamw_8bit"}, "train.optim: adamw_8bit needs a CUDA GPU"),
+        ({"train__liger_kernels": True}, "train.liger_kernels needs a CUDA GPU"),
         ({"train__max_seq_length": 16}, "train.max_seq_length (16) is shorter than the prompt"),
         ({"student__chat_template_fallback": "alpaca"}, "student.chat_template_fallback must be null or one of chatml"),
         ({"train__lr_scheduler": "constant"}, "train.lr_scheduler must be one of"),

@@ -1,0 +1,46 @@
+"""train.liger_kernels: on a GPU, Liger's kernels in a LoRA-wrapped model give the model's own loss and gradients.
+(On a CPU the setting is refused: tests/test_training.py.)"""
+
+import importlib.util
+
+import pytest
+import torch
+from transformers.models.llama import modeling_llama
+
+needs_liger = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+    reason="needs a CUDA GPU and liger-kernel",
+)
+
+
+@needs_liger
+def test_liger_kernels_give_the_models_loss_and_gradients_on_the_gpu(tiny_student, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.liger import apply_liger_kernel
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):  # Liger swaps these module-wide: undone after
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 200, (2, 48), device="cuda")
+
+    def loss_and_gradients(liger: bool) -> tuple[float, list[torch.Tensor]]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.bfloat16).cuda()
+        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+        model = get_peft_model(model, lora).train()
+        for parameter in model.parameters():  # the same adapter in both models: B away from zero, so A has a gradient
+            if parameter.requires_grad:
+                torch.nn.init.normal_(parameter, std=0.02, generator=torch.Generator("cuda").manual_seed(1))
+        if liger:
+            apply_liger_kernel(model, {"cross_entropy": False, "fused_linear_cross_entropy": False})
+            assert model.get_base_model().model.layers[0].mlp._get_name() == "LigerSwiGLUMLP"
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        loss.backward()
+        return loss.item(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    eager_loss, eager_gradients = loss_and_gradients(liger=False)
+    loss, gradients = loss_and_gradients(liger=True)
+    assert loss == pytest.approx(eager_loss, rel=1e-2)
+    for gradient, eager_gradient in zip(gradients, eager_gradients, strict=True):
+        torch.testing.assert_close(gradient, eager_gradient, rtol=5e-2, atol=2e-3)
