@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--realistic-new-tokens", type=int, default=128, help="the cap of the realistic runs")
-    parser.add_argument("--realistic-sentences", type=int, default=4096, help="the post's sentences, repeated (0: none)")
+    parser.add_argument("--realistic-sentences", type=int, default=4096, help="the post's, repeated; 0: none")
     parser.add_argument("--extract-sentences", type=int, default=10_000, help="0: no end-to-end runs")
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables of the runs to the cap")
     parser.add_argument("--work", default="bench-work")
