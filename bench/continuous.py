@@ -11,7 +11,8 @@ default system prompt so that it loads as a merged student folder does:
   end-of-turn token. That needs no knowledge of which row holds which sentence, so it is the same on both paths,
   and both paths' answers (so their lengths) are compared;
 - **`redistill extract` end to end** (loading, reading, writing JSONL) on ``--extract-sentences`` sentences (the
-  post's, repeated), to the cap, without and with ``--continuous-batching``.
+  post's, repeated), to the cap, without and with ``--continuous-batching``;
+- with ``--liger``, to the cap once more, continuously batched, with Liger's fused kernels in the model.
 
 Each pair reports how many answers are identical.
 
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--realistic-sentences", type=int, default=4096, help="the post's, repeated; 0: none")
     parser.add_argument("--extract-sentences", type=int, default=10_000, help="0: no end-to-end runs")
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables of the runs to the cap")
+    parser.add_argument("--liger", action="store_true", help="also to the cap with Liger's kernels (liger-kernel)")
     parser.add_argument("--work", default="bench-work")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -107,6 +109,7 @@ def main() -> None:
     loaded, results["load_seconds"] = timed(lambda: load_trained(str(folder), device="cuda"))
     model, tokenizer = loaded.model, loaded.tokenizer
     size, cap = args.batch_size, args.new_tokens
+    continuous_runs = {}
     for label, new_tokens, sentences, forced in (
         ("to the cap", cap, texts, False),
         ("realistic lengths", args.realistic_new_tokens, (texts * 100)[: args.realistic_sentences], True),
@@ -137,6 +140,7 @@ def main() -> None:
             f"{name}: continuous", model, tokenizer, sentences, new_tokens, size, continuous=True
         )
         runs.append(continuous)
+        continuous_runs[label] = continuous
         pair(results, label, today, continuous)
         pair(results, f"{label}, admitted rows' kernel", free, continuous)
         if forced:
@@ -157,6 +161,16 @@ def main() -> None:
                     continuous=batched_continuously,
                     profile_to=profile_to,
                 )
+    if args.liger:  # the same run to the cap with Liger's fused norm, SwiGLU and rotary kernels in the model
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(model, {"cross_entropy": False, "fused_linear_cross_entropy": False})
+        name = f"to the cap, {len(texts)} sentences, {cap} new tokens at most, batch {size}: continuous, Liger kernels"
+        profile_to = Path(args.out).with_suffix(".profile-liger.txt") if args.profile else None
+        liger = generator_run(name, model, tokenizer, texts, cap, size, continuous=True, profile_to=profile_to)
+        runs.append(liger)
+        pair(results, "to the cap, Liger kernels", continuous_runs["to the cap"], liger)
+        save(args.out, results)
     del model, loaded
     torch.cuda.empty_cache()
 
