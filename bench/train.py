@@ -67,6 +67,7 @@ RUNS = {
     "post": Run("post"),
     "low_memory": Run("low_memory"),
     "fast": Run("fast"),
+    "fast-waits": Run("fast", speedups=Speedups(no_host_waits=False)),  # each step waits for the GPU, as before
     # The packed row through SDPA with a block-diagonal mask (cuDNN's kernel off), as before the varlen kernel.
     "fast-sdpa": Run("fast", speedups=Speedups(packed_attention=False)),
     # peft's casts of each projection's input to the fp32 adapter dtype kept (train() skips them under bf16).
@@ -89,6 +90,11 @@ RUNS = {
     "fast-graphs-128-fused": Run("fast", {**GRAPHS_128, **FUSED}),
     "fast-graphs-128-compiled": Run("fast", {**GRAPHS_128, **COMPILED}),
     "fast-liger": Run("fast", LIGER),
+    # Each step waits for the GPU on the host, as before Speedups.no_host_waits.
+    "fast-graphs-128-liger-fused-waits": Run("fast", {**GRAPHS_128, **LIGER, **FUSED}, Speedups(no_host_waits=False)),
+    "fast-graphs-128-liger-fused-log-10": Run("fast", {**GRAPHS_128, **LIGER, **FUSED, "logging_steps": 10}),
+    "fast-graphs-128-liger-fused-profiled": Run("fast", {**GRAPHS_128, **LIGER, **FUSED}, profile=3),
+    "fast-graphs-128-liger-fused-compiled": Run("fast", {**GRAPHS_128, **LIGER, **FUSED, **COMPILED}),
     "fast-graphs-128-liger": Run("fast", {**GRAPHS_128, **LIGER}),
     "fast-graphs-128-liger-fused": Run("fast", {**GRAPHS_128, **LIGER, **FUSED}),
     "fast-graphs-128-liger-fused-2-epochs": Run("fast", {**GRAPHS_128, **LIGER, **FUSED}, whole_epochs=True),

@@ -38,6 +38,9 @@ class Speedups:
 
     packed_attention: bool = True  # packed rows through the varlen kernel on a GPU (off: SDPA with a block mask)
     skip_input_casts: bool = True  # under bf16, no cast of each projection's input to the fp32 adapter and back
+    # No step waits for the GPU to read a value on the host (batches copied without waiting, no NaN check of the
+    # loss, tokens counted on the host): the host issues the next step while the GPU still runs this one.
+    no_host_waits: bool = True
 
 
 def check_hardware(params: TrainParams) -> bool:
@@ -135,7 +138,7 @@ def load_for_training(params: TrainParams, student: StudentParams, env: Environm
     return model
 
 
-def trainer_config(params: TrainParams, env: Environment, checkpoints: Path, validates: bool):
+def trainer_config(params: TrainParams, env: Environment, checkpoints: Path, validates: bool, speedups: Speedups):
     """The trainer's arguments from the train block (trl's SFTConfig)."""
     from trl import SFTConfig
 
@@ -174,6 +177,10 @@ def trainer_config(params: TrainParams, env: Environment, checkpoints: Path, val
         # Summed over all processes. A packed row has no padding to leave out (and "non_padding" would count an
         # example's closing EOS as padding where pad = eos).
         include_num_input_tokens_seen="all" if params.packing else "non_padding",
+        # Speedups.no_host_waits: the batch goes to the GPU from pinned memory without waiting for the GPU, and a NaN
+        # or infinite loss is logged as it is rather than replaced by the running mean (checking it waits too).
+        accelerator_config={"non_blocking": speedups.no_host_waits},
+        logging_nan_inf_filter=not speedups.no_host_waits,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search would cost a graph walk
         report_to="none",
         disable_tqdm=False,
@@ -244,6 +251,7 @@ def build_trainer(model, config, examples: Examples, tokenizer, params: TrainPar
         apply_liger_kernel(trainer.model, {"cross_entropy": False, "fused_linear_cross_entropy": False})
     if params.row_length_multiple:
         trainer.data_collator = PaddedRows(trainer.data_collator, params.row_length_multiple, tokenizer.pad_token_id)
+    trainer.data_collator = WithAnswerPositions(trainer.data_collator)
     if params.compile:
         if not params.gradient_checkpointing:  # (with checkpointing this is done already)
             # The first layer's input then asks for gradients as the others' do, so all layers share one compiled
@@ -324,13 +332,14 @@ def train(
     tokenizer = student_tokenizer(student)
     examples = training_examples(tokenizer, train_records, val_records, system_prompt, params.max_seq_length)
     model = load_for_training(params, student, env, speedups)
-    config = trainer_config(params, env, checkpoints, validates=bool(examples.val))
+    config = trainer_config(params, env, checkpoints, validates=bool(examples.val), speedups=speedups)
     run_id = fingerprint(asdict(params), asdict(student), system_prompt, examples.train)
     with config.main_process_first(local=False):  # the main process tidies the checkpoints before anyone reads
         resume = last_checkpoint(checkpoints, run_id, tidy=config.process_index == 0)
     clock = StepClock()
     loss_log = loss_log_callbacks(config, log_dir, resume is not None, len(examples.train))
     trainer = build_trainer(model, config, examples, tokenizer, params, [clock, *callbacks, *loss_log])
+    trainer.tokens_counted_on_host = speedups.no_host_waits
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before FSDP flattens them
 
     started = time.monotonic()
@@ -426,11 +435,15 @@ def summed_token_loss(logits: torch.Tensor, targets: torch.Tensor, objective: Ob
     return losses.sum()
 
 
+ANSWER_POSITIONS = "answer_positions"  # a batch's key: the positions whose logits the loss needs (compute_loss)
+
+
 class StudentTrainer(SFTTrainer):
     """trl's SFTTrainer, with batches grouped by length in the same order on every process, and the loss computed
     from the logits of the labelled positions only, under the train block's objective."""
 
     objective = Objective()
+    tokens_counted_on_host = True  # Speedups.no_host_waits
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length":
@@ -442,7 +455,13 @@ class StudentTrainer(SFTTrainer):
 
     def _track_num_input_tokens(self, inputs):
         # A padded row's dummy example is no input (train.row_length_multiple): the tokens seen are those before it.
-        if padding := inputs.get(ROW_PADDING):
+        padding = inputs.get(ROW_PADDING, 0)
+        one_process = self.accelerator.num_processes == 1
+        if self.tokens_counted_on_host and self.args.include_num_input_tokens_seen == "all" and one_process:
+            # The trainer's own count goes through the GPU and back: two waits for the GPU a step.
+            self.state.num_input_tokens_seen += inputs["input_ids"].numel() - padding
+            return
+        if padding:
             inputs = {**inputs, "input_ids": inputs["input_ids"][:, :-padding]}
         super()._track_num_input_tokens(inputs)
 
@@ -455,7 +474,7 @@ class StudentTrainer(SFTTrainer):
         inputs = dict(inputs)
         inputs.pop(ROW_PADDING, None)
         targets = inputs.pop("labels")[:, 1:]  # position i predicts token i + 1
-        positions = (targets != -100).any(dim=0).nonzero().squeeze(1)
+        positions = inputs.pop(ANSWER_POSITIONS)
         outputs = model(**inputs, use_cache=False, logits_to_keep=positions)
         kept = targets[:, positions]
         loss = summed_token_loss(outputs.logits.float().flatten(0, 1), kept.flatten(), self.objective)
@@ -464,6 +483,19 @@ class StudentTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages the gradients over the processes
         return (loss, outputs) if return_outputs else loss
+
+
+class WithAnswerPositions:
+    """Wraps the trainer's collator: each batch also holds the positions whose next token is labelled in some row,
+    found on the host (on the GPU, finding them would make the host wait for the GPU every step)."""
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate(examples)
+        batch[ANSWER_POSITIONS] = (batch["labels"][:, 1:] != -100).any(dim=0).nonzero().squeeze(1)
+        return batch
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):

@@ -12,7 +12,7 @@ from redistill import attention
 from redistill.params import ParamError
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT, training_example
 from redistill.train_params import PRESETS
-from redistill.training import Objective, StudentTrainer
+from redistill.training import ANSWER_POSITIONS, Objective, StudentTrainer, WithAnswerPositions
 
 TEXTS = ["Marie Curie was born in Warsaw.", "The U.S. Army was founded in 1775 by the Continental Congress.", "A b."]
 
@@ -122,11 +122,12 @@ def test_the_varlen_kernel_matches_sdpa_per_example_on_the_gpu(tiny_student):
 def test_the_labelled_positions_loss_equals_the_full_logits_loss(tiny_student, padding_free):
     tokenizer, batch = examples()
     model = load(tiny_student, "sdpa")
-    inputs = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=padding_free)(batch)
+    collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=padding_free)
+    inputs = WithAnswerPositions(collate)(batch)  # the trainer's collator: positions found on the host
     trainer = SimpleNamespace(args=SimpleNamespace(average_tokens_across_devices=False), objective=Objective())
     with torch.no_grad():
         # transformers' own loss: the mean over the labelled tokens, from every position's logits
-        full = model(**inputs, use_cache=False).loss
+        full = model(**{k: v for k, v in inputs.items() if k != ANSWER_POSITIONS}, use_cache=False).loss
         ours, outputs = StudentTrainer.compute_loss(trainer, model, inputs, return_outputs=True)
     torch.testing.assert_close(ours, full, rtol=1e-6, atol=1e-6)
     answer_tokens = sum(1 for example in batch for label in example["labels"] if label != -100)

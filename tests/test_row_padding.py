@@ -8,7 +8,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from redistill import attention
 from redistill.row_padding import ROW_PADDING, PaddedRows
-from redistill.training import Objective, StudentTrainer
+from redistill.training import Objective, StudentTrainer, WithAnswerPositions
 
 
 def collators(tokenizer, multiple: int):
@@ -59,8 +59,8 @@ def test_padding_changes_no_loss_or_gradient(tiny_student, monkeypatch, path):
     torch.manual_seed(0)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
     model = get_peft_model(model, lora)
-    loss, grads = loss_and_gradients(model, packed(batch))
-    padded_loss, padded_grads = loss_and_gradients(model, padded(batch))
+    loss, grads = loss_and_gradients(model, WithAnswerPositions(packed)(batch))
+    padded_loss, padded_grads = loss_and_gradients(model, WithAnswerPositions(padded)(batch))
     torch.testing.assert_close(padded_loss, loss, rtol=1e-6, atol=0)
     assert grads.keys() == padded_grads.keys() and grads
     for name, grad in grads.items():

@@ -94,6 +94,7 @@ def tiny_train_params(**changes) -> TrainParams:
         cuda_graphs=False,
         row_length_multiple=0,
         fused_lora=False,
+        liger_kernels=False,
         group_by_length=True,
         seed=17,
         quantization="none",
