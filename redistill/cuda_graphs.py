@@ -7,7 +7,7 @@ and the optimiser step.
 
 A graph replays fixed shapes, so packed rows are padded to a few lengths (train.row_length_multiple, which always adds
 its dummy example: the count of examples in a row is fixed too). One forward and one backward graph are recorded for
-each row length the first time it comes. They share one memory pool and keep only their inputs and output apart: the
+each row length after one eager step at it. They share one memory pool and keep only their inputs and output apart: the
 activations that a forward saves for its backward are dead once that backward has run, so a step of one length may
 reuse the memory of the last step of another. The adapters' gradients are copied, inside the backward graph, into one
 set of buffers that every length shares, and attached as the parameters' ``.grad``; so the optimiser, gradient
