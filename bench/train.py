@@ -56,6 +56,7 @@ class Run:
 # 16 examples a step at sqrt(2) x the learning rate: 1.5-1.9x the tokens/s, a lower held-out F1 (BENCHMARKS.md).
 BATCH_16 = {"batch_size": 16, "learning_rate": 2.83e-4}
 COMPILED = {"compile": True}
+EAGER = {"cuda_graphs": False, "row_length_multiple": 0, "fused_lora": False}
 FUSED = {"fused_lora": True}
 # Rows padded up to a multiple of 256 tokens (~11% padding at ~1,170), as CUDA graphs need; the layers replayed.
 ROW_PADDED = {"row_length_multiple": 256}
@@ -67,6 +68,9 @@ RUNS = {
     "post": Run("post"),
     "low_memory": Run("low_memory"),
     "fast": Run("fast"),
+    # `fast` as it was before it took the graphs, their padded rows and fused LoRA (BENCHMARKS.md's earlier `fast`).
+    "fast-eager": Run("fast", EAGER),
+    "fast-eager-2-epochs": Run("fast", EAGER, whole_epochs=True),
     "fast-waits": Run("fast", speedups=Speedups(no_host_waits=False)),  # each step waits for the GPU, as before
     # The packed row through SDPA with a block-diagonal mask (cuDNN's kernel off), as before the varlen kernel.
     "fast-sdpa": Run("fast", speedups=Speedups(packed_attention=False)),

@@ -29,9 +29,13 @@ PRESETS = {
         "packing": False,
         "save_steps": 50,
         "neftune_alpha": 0.0,
+        "cuda_graphs": False,
+        "row_length_multiple": 0,
+        "fused_lora": False,
     },
-    # bf16 LoRA, nothing recomputed, the 8 examples of a step packed into one row (no padding), fused AdamW, and a
-    # checkpoint only every 500 steps: one (adapter + optimiser, 8 GB for the 8B) costs seconds. Needs ~40 GB.
+    # bf16 LoRA, nothing recomputed, the 8 examples of a step packed into one row, fused AdamW, a checkpoint only
+    # every 500 steps (one, adapter + optimiser, is 8 GB for the 8B), fused LoRA, and the layers replayed as CUDA
+    # graphs over rows padded to multiples of 128 where they can run (TrainParams.__post_init__). Needs ~43 GB.
     "fast": {
         "method": "lora",
         "learning_rate": 2.0e-4,
@@ -44,6 +48,9 @@ PRESETS = {
         "packing": True,
         "save_steps": 500,
         "neftune_alpha": 0.0,
+        "cuda_graphs": True,
+        "row_length_multiple": 128,
+        "fused_lora": True,
     },
     # The post's memory savers with the step's 8 examples packed into one row: the least memory per example.
     "low_memory": {
@@ -58,6 +65,9 @@ PRESETS = {
         "packing": True,
         "save_steps": 50,
         "neftune_alpha": 0.0,
+        "cuda_graphs": False,
+        "row_length_multiple": 0,
+        "fused_lora": False,
     },
     # Every weight of a small student (SmolLM2-135M) trained, fp32 master weights, NEFTune noise on the embeddings: on
     # the quality bench (docs/quality.md) 0.207 exact F1 greedy against LoRA's 0.186, and 0.276 with 16 samples at
@@ -74,6 +84,9 @@ PRESETS = {
         "packing": False,
         "save_steps": 50,
         "neftune_alpha": 5.0,
+        "cuda_graphs": False,
+        "row_length_multiple": 0,
+        "fused_lora": False,
     },
 }
 
@@ -92,7 +105,7 @@ class TrainParams:
     construction, so everything downstream, the checkpoint fingerprint included, sees the values that ran)."""
 
     preset: str = param(
-        "`post` (the post's recipe), `fast` (the highest throughput, ~40 GiB for the 8B), `low_memory` (the "
+        "`post` (the post's recipe), `fast` (the highest throughput, ~43 GiB for the 8B), `low_memory` (the "
         "least memory, under 10 GiB), `small_student` (every weight of a small student such as SmolLM2-135M "
         "trained; the best measured quality, [quality.md](quality.md)): fills every train key that is `null` with "
         "the preset's value ([presets](#presets)); a value you set wins. What each costs and buys: "
@@ -142,17 +155,17 @@ class TrainParams:
         "`torch.compile` the decoder layers: ~20% shorter steps on a GPU for 40-60 s of compiling on a machine's "
         "first run; later runs load the compiled code from `~/.cache/redistill/inductor` ([training.md](training.md))"
     )
-    cuda_graphs: bool = param(
+    cuda_graphs: bool | None = param(
         "the decoder layers' forward and backward recorded as CUDA graphs and replayed, one launch each instead of "
-        "thousands a step, on a GPU; needs `train.row_length_multiple` and `train.grad_accum: 1` "
-        "([training.md](training.md))"
+        "thousands a step, on a GPU; needs `train.row_length_multiple`, `train.grad_accum: 1`, one process and no "
+        "quantization (a preset's graphs are off where they can't run) ([training.md](training.md))"
     )
-    row_length_multiple: int = param(
+    row_length_multiple: int | None = param(
         "with `train.packing`, each packed row is padded up to a multiple of this many tokens (one dummy example, "
         "no loss), so that rows come in a few lengths, as CUDA graphs need; `0`: no padding",
         at_least(0),
     )
-    fused_lora: bool = param(
+    fused_lora: bool | None = param(
         "each LoRA projection as one autograd function: fewer kernels and casts a step than peft's modules, the "
         "same numbers up to rounding ([training.md](training.md))"
     )
@@ -201,14 +214,28 @@ class TrainParams:
 
     def __post_init__(self) -> None:
         check_param(self, "preset", "train.preset")  # before its values are looked up, for a bad preset's own error
+        filled = set()
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+                filled.add(name)
+        if "cuda_graphs" in filled and self.cuda_graphs and not (self.replayable and self.packing):
+            # A preset's graphs give way to what they can't run with (several processes, say): a speed-up, not a
+            # requirement. Set train.cuda_graphs: true yourself to be told which setting stops them.
+            object.__setattr__(self, "cuda_graphs", False)
+            if "row_length_multiple" in filled:  # the padding is only for the graphs
+                object.__setattr__(self, "row_length_multiple", 0)
 
     @property
     def needs_launch(self) -> bool:
         """Whether the stage runs as several processes under `accelerate launch`."""
         return self.num_processes > 1 or self.accelerate_config is not None
+
+    @property
+    def replayable(self) -> bool:
+        """Whether the settings let train.cuda_graphs replay the layers: one micro-batch per optimiser step, one
+        process, no quantization."""
+        return self.grad_accum == 1 and not self.needs_launch and self.quantization == "none"
 
     def validate(self) -> None:
         require(
@@ -217,7 +244,7 @@ class TrainParams:
             "needs a train.row_length_multiple, e.g. 256 (a CUDA graph is recorded for every new row length)",
         )
         require(
-            not self.cuda_graphs or (self.grad_accum == 1 and not self.needs_launch and self.quantization == "none"),
+            not self.cuda_graphs or self.replayable,
             "train.cuda_graphs",
             "needs train.grad_accum: 1, one process and train.quantization: none (the replayed backward writes the "
             "gradients into buffers of its own)",
