@@ -5,6 +5,7 @@ the trainer's config, the trainer, the run, saving the adapter, and the metrics;
 
 import importlib.util
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -41,6 +42,9 @@ class Speedups:
     # No step waits for the GPU to read a value on the host (batches copied without waiting, no NaN check of the
     # loss, tokens counted on the host): the host issues the next step while the GPU still runs this one.
     no_host_waits: bool = True
+    # A logged step's loss and gradient norm are copied off the GPU without waiting and logged at the next step, once
+    # that step's work is queued: reading them at once would leave the GPU idle while the host prepares a step.
+    log_a_step_late: bool = True
 
 
 def check_hardware(params: TrainParams) -> bool:
@@ -340,6 +344,7 @@ def train(
     loss_log = loss_log_callbacks(config, log_dir, resume is not None, len(examples.train))
     trainer = build_trainer(model, config, examples, tokenizer, params, [clock, *callbacks, *loss_log])
     trainer.tokens_counted_on_host = speedups.no_host_waits
+    trainer.logs_a_step_late = speedups.log_a_step_late and config.world_size == 1
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before FSDP flattens them
 
     started = time.monotonic()
@@ -438,12 +443,99 @@ def summed_token_loss(logits: torch.Tensor, targets: torch.Tensor, objective: Ob
 ANSWER_POSITIONS = "answer_positions"  # a batch's key: the positions whose logits the loss needs (compute_loss)
 
 
+@dataclass(frozen=True)
+class LateLog:
+    """A logging step's loss (summed since the last log) and gradient norm on their way to the host, and what the
+    trainer's state was at that step."""
+
+    values: torch.Tensor  # on the host: loss sum, gradient norm (NaN: none)
+    copied: torch.cuda.Event | None  # None: the copy was synchronous (a CPU run)
+    global_step: int
+    epoch: float | None
+    num_input_tokens_seen: int
+    steps: int  # optimiser steps the loss sum covers
+    learning_rate: float
+    start_time: float
+
+
 class StudentTrainer(SFTTrainer):
-    """trl's SFTTrainer, with batches grouped by length in the same order on every process, and the loss computed
-    from the logits of the labelled positions only, under the train block's objective."""
+    """trl's SFTTrainer, with batches grouped by length in the same order on every process, the loss computed
+    from the logits of the labelled positions only, under the train block's objective, and (one process) each
+    logged step's values read at the next step."""
 
     objective = Objective()
     tokens_counted_on_host = True  # Speedups.no_host_waits
+    logs_a_step_late = False  # Speedups.log_a_step_late, where one process trains
+    late_log: LateLog | None = None
+
+    def _maybe_log_save_evaluate(
+        self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate=None
+    ):
+        if not self.logs_a_step_late:
+            return super()._maybe_log_save_evaluate(
+                tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate
+            )
+        this_step = None
+        if self.control.should_log and self.state.global_step > self._globalstep_last_logged:
+            this_step = self._copy_log_values(tr_loss, grad_norm, learning_rate, start_time)
+            tr_loss -= tr_loss
+            self._globalstep_last_logged = self.state.global_step
+            self.store_flos()
+        self.log_late_log()  # the last logged step's, whose copy is done or nearly: this step's work is queued
+        self.late_log = this_step
+        self.control.should_log = False  # logged: the trainer's own logging below has nothing left to do
+        if self.control.should_evaluate or self.control.should_save:  # they wait for the GPU anyway
+            self.log_late_log()
+        super()._maybe_log_save_evaluate(
+            tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate
+        )
+
+    def _copy_log_values(self, tr_loss, grad_norm, learning_rate, start_time) -> LateLog:
+        norm = grad_norm if grad_norm is not None else math.nan
+        values = torch.stack([tr_loss.detach().float(), torch.as_tensor(norm, device=tr_loss.device).float()])
+        cuda = values.is_cuda
+        host = torch.empty(2, pin_memory=cuda)
+        host.copy_(values, non_blocking=cuda)
+        copied = torch.cuda.Event() if cuda else None
+        if copied is not None:
+            copied.record()
+        state = self.state
+        return LateLog(
+            values=host,
+            copied=copied,
+            global_step=state.global_step,
+            epoch=state.epoch,
+            num_input_tokens_seen=state.num_input_tokens_seen,
+            steps=state.global_step - self._globalstep_last_logged,
+            learning_rate=learning_rate if learning_rate is not None else self._get_learning_rate(),
+            start_time=start_time,
+        )
+
+    def log_late_log(self) -> None:
+        """Log the values copied at the last logging step, as the trainer would have logged them then: the log
+        entry, the callbacks (the loss curve's x axis) and the running loss see that step's state."""
+        late, self.late_log = self.late_log, None
+        if late is None:
+            return
+        if late.copied is not None:
+            late.copied.synchronize()
+        loss_sum, norm = late.values.tolist()
+        self._total_loss_scalar += loss_sum
+        logs = {"loss": loss_sum / late.steps}
+        if not math.isnan(norm):
+            logs["grad_norm"] = norm
+        logs["learning_rate"] = late.learning_rate
+        state, now = self.state, (self.state.global_step, self.state.epoch, self.state.num_input_tokens_seen)
+        state.global_step, state.epoch = late.global_step, late.epoch
+        state.num_input_tokens_seen = late.num_input_tokens_seen
+        try:
+            self.log(logs, late.start_time)
+        finally:
+            state.global_step, state.epoch, state.num_input_tokens_seen = now
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        self.log_late_log()  # the last step's log, before the trainer adds up the loss
+        return super()._finalize_training(trial, num_train_samples, start_time)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length":

@@ -53,7 +53,8 @@ def test_fused_lora_gives_peft_s_loss_and_gradients_in_fp32(tiny_student, dropou
     model = lora_model(tiny_student, torch.float32, dropout)
     peft_result = loss_and_gradients(model, fused_on=False)
     assert all(grad.abs().sum() > 0 for grad in peft_result[1].values())
-    assert error(loss_and_gradients(model, fused_on=True), peft_result) < 1e-6  # rounding: addmm sums in its own order
+    # fp32 rounding (addmm sums in its own order; 1.4e-6 seen on CI's CPU), ten times under the 1e-4 a 1% slip gives
+    assert error(loss_and_gradients(model, fused_on=True), peft_result) < 1e-5
 
 
 @pytest.mark.parametrize("wrong", ["scale", "dropout"])

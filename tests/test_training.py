@@ -12,6 +12,7 @@ import pytest
 import yaml
 from conftest import ROOT, labeled_rows, write_jsonl
 from tiny_model import build_model, build_tokenizer
+from transformers import TrainerCallback
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from redistill.checkpoints import last_checkpoint
@@ -22,7 +23,7 @@ from redistill.models import load_student, load_trained, trained_with
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT, ensure_chat_template, prompt_ids, training_example
 from redistill.student import StudentParams
 from redistill.train_params import LoraParams, TrainParams
-from redistill.training import build_examples, train
+from redistill.training import Speedups, build_examples, train
 
 TRIPLES = [["Marie Curie", "was born in", "Warsaw"], ["Marie Curie", "won", "Nobel Prizes"]]
 TEXT = "Marie Curie was born in Warsaw and won two Nobel Prizes."
@@ -111,8 +112,9 @@ def tiny_train_params(**changes) -> TrainParams:
     return TrainParams(**{**base, **changes})
 
 
-def train_tiny(student_folder, params: TrainParams, rows: int, out) -> dict:
-    """The train stage's training of the tiny student on ``rows`` labelled rows, no validation; its metrics."""
+def train_tiny(student_folder, params: TrainParams, rows: int, out, validation: int = 0, **keywords) -> dict:
+    """The train stage's training of the tiny student on ``rows`` labelled rows and ``validation`` held-out ones;
+    its metrics. ``keywords`` go to train() (callbacks, speedups)."""
     student = StudentParams(
         model=str(student_folder), system_prompt=None, chat_template_fallback=None, attn_implementation="sdpa"
     )
@@ -121,10 +123,11 @@ def train_tiny(student_folder, params: TrainParams, rows: int, out) -> dict:
         student,
         DEFAULT_SYSTEM_PROMPT,
         labeled_rows(rows),
-        [],
+        labeled_rows(validation, start=100),
         adapter_dir=out / "adapter",
         checkpoints=out / "checkpoints",
         log_dir=out / "log",
+        **keywords,
     )
     return metrics
 
@@ -388,3 +391,42 @@ def test_the_loss_curves_x_axis_counts_the_examples_seen_with_a_short_last_step_
 
     callback = ExamplesSeenDVCLive(examples_per_epoch=13, examples_per_step=4, live=None)
     assert [callback.examples_seen(step) for step in range(9)] == [0, 4, 8, 12, 13, 17, 21, 25, 26]
+
+
+class LogTimes(TrainerCallback):
+    """Each log's step, the optimiser steps ended when it was logged, and its values."""
+
+    def __init__(self) -> None:
+        self.ended, self.logs = 0, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ended += 1
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        kept = {key: value for key, value in logs.items() if "runtime" not in key and "per_second" not in key}
+        self.logs.append((state.global_step, self.ended, kept))
+
+
+@pytest.mark.parametrize("max_steps", [-1, 7])  # whole epochs; stopped mid-epoch
+def test_logging_a_step_late_logs_what_the_trainer_logs_then(tiny_student, tmp_path, max_steps):
+    """Each step's loss and gradient norm are logged once the next step ran (its kernels queued on a GPU), with the
+    state of the step they belong to: the same log entries, loss curve, checkpoints and metrics as logging at once."""
+    params = tiny_train_params(max_steps=max_steps, save_steps=5, epochs=2.0, batch_size=3)
+    runs = {}
+    for late in (False, True):
+        times, out = LogTimes(), tmp_path / f"late-{late}"
+        metrics = train_tiny(
+            tiny_student, params, 10, out, validation=3, callbacks=(times,), speedups=Speedups(log_a_step_late=late)
+        )
+        curve = (out / "log/plots/metrics/loss.tsv").read_text()
+        runs[late] = (times, curve, (out / "log/plots/metrics/eval/loss.tsv").read_text(), metrics)
+    (at_once, curve, eval_curve, metrics), (late, late_curve, late_eval_curve, late_metrics) = runs[False], runs[True]
+    assert [entry[::2] for entry in late.logs] == [entry[::2] for entry in at_once.logs]
+    assert len(at_once.logs) > 8 and "grad_norm" in late.logs[0][2]
+    assert late_curve == curve and late_eval_curve == eval_curve
+    for key in ("train_loss", "final_loss", "eval_loss", "steps", "tokens_seen"):
+        assert late_metrics[key] == metrics[key], key
+    steps_logged = [(step, ended) for step, ended, logs in late.logs if "loss" in logs and "eval_loss" not in logs]
+    # Logged a step late, except where the next step's log waits anyway: at an epoch's end, a checkpoint or the end.
+    assert sum(ended == step + 1 for step, ended in steps_logged) >= len(steps_logged) // 2
+    assert all(ended == step for step, ended, _ in at_once.logs if "loss" in _)
