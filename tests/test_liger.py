@@ -1,11 +1,14 @@
-"""train.liger_kernels: on a GPU, Liger's kernels in a LoRA-wrapped model give the model's own loss and gradients.
-(On a CPU the setting is refused: tests/test_training.py.)"""
+"""train.liger_kernels: on a GPU, Liger's kernels in a LoRA-wrapped model give the model's own loss and gradients;
+the fast preset's Liger gives way where it can't run. (On a CPU the setting is refused: tests/test_training.py.)"""
 
 import importlib.util
 
 import pytest
 import torch
+from test_training import tiny_train_params
 from transformers.models.llama import modeling_llama
+
+from redistill.params import ParamError
 
 needs_liger = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
@@ -44,3 +47,23 @@ def test_liger_kernels_give_the_models_loss_and_gradients_on_the_gpu(tiny_studen
     assert loss == pytest.approx(eager_loss, rel=1e-2)
     for gradient, eager_gradient in zip(gradients, eager_gradients, strict=True):
         torch.testing.assert_close(gradient, eager_gradient, rtol=5e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize(("cuda", "installed", "compiled", "on"), [
+    (True, True, False, True),
+    (False, True, False, False),  # no GPU (a CPU run, as here)
+    (True, False, False, False),  # the package missing (requirements-gpu.txt not installed)
+    (True, True, True, False),  # train.compile: dynamo can't trace Liger's norm
+])  # fmt: skip
+def test_the_fast_presets_liger_gives_way_where_it_cannot_run(monkeypatch, cuda, installed, compiled, on):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if installed else None)
+    params = tiny_train_params(preset="fast", liger_kernels=None, compile=compiled)
+    assert params.liger_kernels is on
+    params.validate()  # the preset's choice is never refused
+    assert tiny_train_params(preset="post", liger_kernels=None).liger_kernels is False
+
+
+def test_liger_kernels_set_by_hand_are_refused_with_train_compile():
+    with pytest.raises(ParamError, match=r"train\.liger_kernels can't be compiled"):
+        tiny_train_params(liger_kernels=True, compile=True).validate()
