@@ -12,11 +12,16 @@ default system prompt so that it loads as a merged student folder does:
   and both paths' answers (so their lengths) are compared;
 - **`redistill extract` end to end** (loading, reading, writing JSONL) on ``--extract-sentences`` sentences (the
   post's, repeated), to the cap, without and with ``--continuous-batching``;
+- each of these once more with shared-prefix attention (``--shared-prefix-attention``: the decoding step reads the
+  system prompt's keys and values once for all rows, redistill/prefix_attention.py);
 - with ``--liger``, to the cap once more, continuously batched, with Liger's fused kernels in the model.
 
-Each pair reports how many answers are identical.
+Each pair (PAIRS) reports its speedup and how many answers are identical. ``--runs`` chooses the runs by name
+(WAYS: ``cap``, ``cap-continuous``, ``cap-shared``, ``extract-continuous-shared``, ...), so that one GPU call
+measures a baseline and its candidate side by side:
 
     python bench/continuous.py --tokenizer DIR --data sft_dataset.json --out continuous.json
+    python bench/continuous.py ... --runs cap-continuous,cap-continuous-shared,extract,extract-shared
 """
 
 import argparse
@@ -72,11 +77,136 @@ def force_lengths(model, lengths: list[int], pad: int, stop: int):
     return model.register_forward_hook(hook, with_kwargs=True)
 
 
+# How each workload is decoded, in the order the runs go: the suffix that names a run (`--runs cap-shared`), what it
+# is called, and the Generator's options (`redistill extract`'s flags for the end-to-end runs).
+WAYS = {
+    "": ("batch by batch", {}),
+    "-continuous-free": ("continuous, admitted rows' attention kernel left to PyTorch", {"continuous": True}),
+    "-continuous": ("continuous", {"continuous": True}),
+    "-shared": ("batch by batch, shared-prefix attention", {"shared_prefix_attention": True}),
+    "-continuous-shared": (
+        "continuous, shared-prefix attention",
+        {"continuous": True, "shared_prefix_attention": True},
+    ),
+}
+FLAGS = {"continuous": "--continuous-batching", "shared_prefix_attention": "--shared-prefix-attention"}
+# (baseline, candidate, what the comparison is called after its workload's name): speedup and identical answers
+PAIRS = [
+    ("", "-continuous", ""),
+    ("-continuous-free", "-continuous", ", admitted rows' kernel"),
+    ("", "-shared", ", shared-prefix attention, batch by batch"),
+    ("-continuous", "-continuous-shared", ", shared-prefix attention, continuous"),
+]
+WORKLOADS = ("cap", "realistic", "extract")
+RUNS = [workload + way for workload in WORKLOADS for way in WAYS]
+
+
+def admitting(way: str) -> None:
+    """The admitted rows' attention kernels of a run: left to PyTorch (cuDNN's, planned per shape, as before
+    ADMIT_ATTENTION) in the "-free" runs, the generator's own in the others."""
+    generation.ADMIT_ATTENTION = EVERY_KERNEL if way.endswith("-free") else ADMIT_ATTENTION
+
+
 def pair(results: dict, label: str, before: dict, after: dict) -> None:
     same = sum(a == b for a, b in zip(before["answers"], after["answers"], strict=True))
     speedup = after["sentences_per_second"] / before["sentences_per_second"]
     results[label] = {"identical_answers": f"{same}/{len(before['answers'])}", "speedup": round(speedup, 2)}
     print(f"{label}: {results[label]}", flush=True)
+
+
+def pairs(results: dict, workload: str, label: str, done: dict) -> None:
+    """Every comparison of PAIRS whose two runs of ``workload`` ran."""
+    for baseline, candidate, called in PAIRS:
+        if workload + baseline in done and workload + candidate in done:
+            pair(results, label + called, done[workload + baseline], done[workload + candidate])
+
+
+def generator_runs(args, folder: Path, rows: list[dict], results: dict, done: dict) -> None:
+    """The runs to the cap and at realistic lengths (and Liger's), on one loaded model."""
+    texts = [row["text"] for row in rows]
+    loaded, results["load_seconds"] = timed(lambda: load_trained(str(folder), device="cuda"))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    size, cap = args.batch_size, args.new_tokens
+    for workload, label, new_tokens, sentences, forced in (
+        ("cap", "to the cap", cap, texts, False),
+        ("realistic", "realistic lengths", args.realistic_new_tokens, (texts * 100)[: args.realistic_sentences], True),
+    ):
+        ways = [way for way in WAYS if workload + way in args.runs]
+        if not sentences or not ways:  # --realistic-sentences 0, or none of its runs chosen
+            continue
+        handle = None
+        if forced:
+            lengths = answer_lengths(rows, tokenizer)
+            results["answer_lengths"] = {"mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)}
+            handle = force_lengths(model, lengths, tokenizer.pad_token_id, stop_token_ids(tokenizer)[0])
+        name = f"{label}, {len(sentences)} sentences, {new_tokens} new tokens at most, batch {size}"
+        for way in ways:
+            what, options = WAYS[way]
+            admitting(way)
+            done[workload + way] = run = generator_run(
+                f"{name}: {what}", model, tokenizer, sentences, new_tokens, size, **options
+            )
+            results["runs"].append(run)
+        admitting("")
+        pairs(results, workload, label, done)
+        if forced:
+            handle.remove()
+            first = done[workload + ways[0]]
+            results["realistic_mean_new_tokens"] = round(sum(first["lengths"]) / len(first["lengths"]), 1)
+        save(args.out, results)
+        if args.profile and not forced:  # apart from the timed runs: the profiler slows what it watches
+            for way in ways:
+                what, options = WAYS[way]
+                profile_to = Path(args.out).with_suffix(f".profile-{workload}{way}.txt")
+                admitting(way)
+                generator_run(
+                    f"{name}: {what}, profiled",
+                    model,
+                    tokenizer,
+                    sentences,
+                    new_tokens,
+                    size,
+                    profile_to=profile_to,
+                    **options,
+                )
+            admitting("")
+    if args.liger:  # the same run to the cap with Liger's fused norm, SwiGLU and rotary kernels in the model
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(model, {"cross_entropy": False, "fused_linear_cross_entropy": False})
+        name = f"to the cap, {len(texts)} sentences, {cap} new tokens at most, batch {size}: continuous, Liger kernels"
+        profile_to = Path(args.out).with_suffix(".profile-liger.txt") if args.profile else None
+        liger = generator_run(name, model, tokenizer, texts, cap, size, continuous=True, profile_to=profile_to)
+        results["runs"].append(liger)
+        if "cap-continuous" in done:
+            pair(results, "to the cap, Liger kernels", done["cap-continuous"], liger)
+        save(args.out, results)
+    del model, loaded
+    torch.cuda.empty_cache()
+
+
+def extract_runs(args, work: Path, folder: Path, texts: list[str], results: dict, done: dict) -> None:
+    """`redistill extract` end to end on the post's sentences, repeated, to the cap: each chosen way's flags."""
+    count = args.extract_sentences
+    lines = work / "sentences.txt"
+    lines.write_text("".join(text.replace("\n", " ") + "\n" for text in (texts * 100)[:count]))
+    for way in (way for way in WAYS if "extract" + way in args.runs):
+        output = work / f"out{way}.jsonl"
+        output.unlink(missing_ok=True)
+        Path(f"{output}.run.json").unlink(missing_ok=True)
+        flags = [FLAGS[option] for option in WAYS[way][1]]
+        command = ["extract", str(lines), "--input-format", "lines", "--model", str(folder), "-o", str(output)]
+        command += ["--max-new-tokens", str(args.new_tokens), "--batch-size", str(args.batch_size), *flags]
+        admitting(way)
+        torch.cuda.reset_peak_memory_stats()
+        _, seconds = timed(lambda command=command: redistill(command))
+        name = f"`redistill extract` end to end with loading, {count} sentences {' '.join(flags)}"
+        done["extract" + way] = run = report(name, count, seconds, 0) | {"answers": output.read_text().splitlines()}
+        results["runs"].append(run)
+        save(args.out, results)
+    admitting("")
+    pairs(results, "extract", "extract", done)
+    save(args.out, results)
 
 
 def main() -> None:
@@ -88,11 +218,16 @@ def main() -> None:
     parser.add_argument("--realistic-new-tokens", type=int, default=128, help="the cap of the realistic runs")
     parser.add_argument("--realistic-sentences", type=int, default=4096, help="the post's, repeated; 0: none")
     parser.add_argument("--extract-sentences", type=int, default=10_000, help="0: no end-to-end runs")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)} (default: all)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables of the runs to the cap")
     parser.add_argument("--liger", action="store_true", help="also to the cap with Liger's kernels (liger-kernel)")
     parser.add_argument("--work", default="bench-work")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    args.runs = args.runs.split(",")
+    unknown = sorted(set(args.runs) - set(RUNS))
+    if unknown:
+        parser.error(f"unknown runs {', '.join(unknown)}; known: {', '.join(RUNS)}")
 
     work = Path(args.work).resolve()
     folder = work / "llama3-8b-random"
@@ -103,97 +238,14 @@ def main() -> None:
     base_tokenizer.save_pretrained(folder)
     write_trained_with(folder, str(folder), DEFAULT_SYSTEM_PROMPT)
     rows = labelled_rows(args.data)
-    texts = [row["text"] for row in rows]
-    results["runs"] = runs = []
-
-    loaded, results["load_seconds"] = timed(lambda: load_trained(str(folder), device="cuda"))
-    model, tokenizer = loaded.model, loaded.tokenizer
-    size, cap = args.batch_size, args.new_tokens
-    continuous_runs = {}
-    for label, new_tokens, sentences, forced in (
-        ("to the cap", cap, texts, False),
-        ("realistic lengths", args.realistic_new_tokens, (texts * 100)[: args.realistic_sentences], True),
-    ):
-        if not sentences:  # --realistic-sentences 0
-            continue
-        handle = None
-        if forced:
-            lengths = answer_lengths(rows, tokenizer)
-            results["answer_lengths"] = {"mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)}
-            handle = force_lengths(model, lengths, tokenizer.pad_token_id, stop_token_ids(tokenizer)[0])
-        name = f"{label}, {len(sentences)} sentences, {new_tokens} new tokens at most, batch {size}"
-        today = generator_run(f"{name}: batch by batch", model, tokenizer, sentences, new_tokens, size)
-        runs.append(today)
-        generation.ADMIT_ATTENTION = EVERY_KERNEL  # as before: PyTorch picks (cuDNN's, planned per shape)
-        free = generator_run(
-            f"{name}: continuous, admitted rows' attention kernel left to PyTorch",
-            model,
-            tokenizer,
-            sentences,
-            new_tokens,
-            size,
-            continuous=True,
-        )
-        generation.ADMIT_ATTENTION = ADMIT_ATTENTION
-        runs.append(free)
-        continuous = generator_run(
-            f"{name}: continuous", model, tokenizer, sentences, new_tokens, size, continuous=True
-        )
-        runs.append(continuous)
-        continuous_runs[label] = continuous
-        pair(results, label, today, continuous)
-        pair(results, f"{label}, admitted rows' kernel", free, continuous)
-        if forced:
-            handle.remove()
-            mean = sum(today["lengths"]) / len(today["lengths"])
-            results["realistic_mean_new_tokens"] = round(mean, 1)
-        save(args.out, results)
-        if args.profile and not forced:  # apart from the timed runs: the profiler slows what it watches
-            for kind, batched_continuously in (("batches", False), ("continuous", True)):
-                profile_to = Path(args.out).with_suffix(f".profile-{kind}.txt")
-                generator_run(
-                    f"{name}: {kind}, profiled",
-                    model,
-                    tokenizer,
-                    sentences,
-                    new_tokens,
-                    size,
-                    continuous=batched_continuously,
-                    profile_to=profile_to,
-                )
-    if args.liger:  # the same run to the cap with Liger's fused norm, SwiGLU and rotary kernels in the model
-        from transformers.integrations.liger import apply_liger_kernel
-
-        apply_liger_kernel(model, {"cross_entropy": False, "fused_linear_cross_entropy": False})
-        name = f"to the cap, {len(texts)} sentences, {cap} new tokens at most, batch {size}: continuous, Liger kernels"
-        profile_to = Path(args.out).with_suffix(".profile-liger.txt") if args.profile else None
-        liger = generator_run(name, model, tokenizer, texts, cap, size, continuous=True, profile_to=profile_to)
-        runs.append(liger)
-        pair(results, "to the cap, Liger kernels", continuous_runs["to the cap"], liger)
-        save(args.out, results)
-    del model, loaded
-    torch.cuda.empty_cache()
-
+    results["runs"] = []
+    done = {}  # each run's row, by its name
+    if args.liger or any(not run.startswith("extract") for run in args.runs):
+        generator_runs(args, folder, rows, results, done)
     if args.extract_sentences:  # 0: skip the end-to-end runs
-        lines = work / "sentences.txt"
-        lines.write_text("".join(text.replace("\n", " ") + "\n" for text in (texts * 100)[: args.extract_sentences]))
-        for flags in ([], ["--continuous-batching"]):
-            output = work / f"out{len(flags)}.jsonl"
-            output.unlink(missing_ok=True)
-            Path(f"{output}.run.json").unlink(missing_ok=True)
-            command = ["extract", str(lines), "--input-format", "lines", "--model", str(folder), "-o", str(output)]
-            command += ["--max-new-tokens", str(cap), "--batch-size", str(size), *flags]
-            torch.cuda.reset_peak_memory_stats()
-            _, seconds = timed(lambda command=command: redistill(command))
-            name = f"`redistill extract` end to end with loading, {args.extract_sentences} sentences {' '.join(flags)}"
-            runs.append(report(name, args.extract_sentences, seconds, 0))
-            save(args.out, results)
-        records = [(work / f"out{flags}.jsonl").read_text().splitlines() for flags in (0, 1)]
-        same = sum(a == b for a, b in zip(*records, strict=True))
-        results["extract identical records"] = f"{same}/{args.extract_sentences}"
-        save(args.out, results)
+        extract_runs(args, work, folder, [row["text"] for row in rows], results, done)
     print(json.dumps({key: value for key, value in results.items() if key != "runs"}, indent=1))
-    print_table(runs)
+    print_table(results["runs"])
 
 
 if __name__ == "__main__":

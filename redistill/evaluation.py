@@ -39,6 +39,11 @@ class EvalParams:
         "on a GPU, rows that finish take the next sentence instead of waiting for their batch's longest answer "
         "([extract.md](extract.md#continuous-batching)); the same greedy answers; not with beam search"
     )
+    shared_prefix_attention: bool = param(
+        "on a GPU, each decoding step reads the shared system prompt's keys and values once for all rows, not once "
+        "per row ([extract.md](extract.md#shared-prefix-attention)); the same answers up to rounding; off until "
+        "measured"
+    )
 
     def validate(self) -> None:
         error = self.decoding.error(lambda name: f"evaluate.decoding.{name}")
@@ -81,6 +86,7 @@ def student_outputs(student: "LoadedModel", texts: list[str], params: EvalParams
         params.batch_size,
         decoding=params.decoding,
         continuous=params.continuous_batching,
+        shared_prefix_attention=params.shared_prefix_attention,
     )
     outputs = generator.generate(texts, desc=name)
     return outputs, time.monotonic() - started

@@ -237,6 +237,7 @@ def extract(args: argparse.Namespace) -> None:
         batch_size,
         decoding=decoding,
         continuous=args.continuous_batching,
+        shared_prefix_attention=args.shared_prefix_attention,
     )
     fitting = fit_context(pending, generator, extractor.context - args.max_new_tokens)
     written, chunk_size = 0, generator.sentences_per_batch * CHUNK_BATCHES
@@ -334,6 +335,12 @@ def add_parser(commands) -> None:
         "--continuous-batching",
         action="store_true",
         help="GPU: rows that finish take the next sentence (the same greedy answers; not with --num-beams)",
+    )
+    parser.add_argument(
+        "--shared-prefix-attention",
+        action="store_true",
+        help="GPU: each decoding step reads the system prompt's keys and values once for all rows (the same answers "
+        "up to rounding)",
     )
     add_decoding_options(parser)
     parser.set_defaults(run=extract)

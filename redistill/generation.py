@@ -36,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from redistill.decoding import GREEDY, Decoding, distinct_triples, triples_text, vote
+from redistill.prefix_attention import attending_once_to_shared_prefix
 from redistill.prompts import prompt_ids, stop_token_ids
 from redistill.structured import GrammarState, TripleGrammar
 
@@ -68,8 +69,11 @@ def shared_prefix_length(prompts: list[list[int]]) -> int:
     return length
 
 
-def last_logits(model, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-    """One forward pass over the cache; the logits of each row's next token."""
+def last_logits(
+    model, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, **attention
+) -> torch.Tensor:
+    """One forward pass over the cache; the logits of each row's next token. ``attention``: keywords for the
+    attention function (``shared_prefix``)."""
     logits = model(
         input_ids=input_ids,
         attention_mask=mask,
@@ -77,6 +81,7 @@ def last_logits(model, input_ids: torch.Tensor, mask: torch.Tensor, positions: t
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **attention,
     ).logits
     return logits[:, -1]
 
@@ -185,7 +190,10 @@ class GrowingCache:
 class StaticGraphCache:
     """A static cache for one batch size and length, the step's inputs at fixed addresses, and the step itself:
     a CUDA graph's replay on a GPU, a plain forward elsewhere. Every key position has a mask entry: 0 where a row
-    may look, the dtype's minimum elsewhere. Built once and reused by every batch that fits it."""
+    may look, the dtype's minimum elsewhere. Built once and reused by every batch that fits it.
+
+    With ``shared_prefix`` (a length, 0: none), the step attends to every row's first ``shared_prefix`` columns,
+    which hold the same prefix, once for all rows (redistill/prefix_attention.py); a captured graph keeps it."""
 
     model: object
     cache: object
@@ -196,10 +204,13 @@ class StaticGraphCache:
     logits: torch.Tensor | None = None  # the graph's output
     column: int = 0  # the key position the next step writes
     prefix_length: int = 0
+    shared_prefix: int = 0
 
     @classmethod
     @torch.inference_mode()
-    def build(cls, model, batch_size: int, length: int, device: torch.device) -> "StaticGraphCache":
+    def build(
+        cls, model, batch_size: int, length: int, device: torch.device, shared_prefix: int = 0
+    ) -> "StaticGraphCache":
         from transformers import StaticCache
 
         dtype = next(model.parameters()).dtype
@@ -209,6 +220,7 @@ class StaticGraphCache:
             input_ids=torch.zeros((batch_size, 1), dtype=torch.long, device=device),
             positions=torch.zeros((batch_size, 1), dtype=torch.long, device=device),
             mask=torch.zeros((batch_size, 1, 1, length), dtype=dtype, device=device),
+            shared_prefix=shared_prefix,
         )
         state.forward()  # allocates the cache; later batches reset where each layer writes
         if device.type == "cuda":
@@ -222,11 +234,17 @@ class StaticGraphCache:
                 state.logits = state.forward()
         return state
 
-    def fits(self, batch_size: int, length: int) -> bool:
-        return len(self.mask) == batch_size and self.mask.shape[-1] >= length
+    def fits(self, batch_size: int, length: int, shared_prefix: int = 0) -> bool:
+        return len(self.mask) == batch_size and self.mask.shape[-1] >= length and self.shared_prefix == shared_prefix
 
     def forward(self) -> torch.Tensor:
-        return last_logits(self.model, self.input_ids, self.mask, self.positions, self.cache)
+        """The step (captured as the graph on a GPU)."""
+        if not self.shared_prefix:
+            return last_logits(self.model, self.input_ids, self.mask, self.positions, self.cache)
+        with attending_once_to_shared_prefix(self.model):
+            return last_logits(
+                self.model, self.input_ids, self.mask, self.positions, self.cache, shared_prefix=self.shared_prefix
+            )
 
     @property
     def blocked(self) -> float:
@@ -504,7 +522,9 @@ class Generator:
     ``batch_size`` counts rows: a batch holds ``batch_size // decoding.rows`` sentences (at least one), so that
     samples or beams cost time, not memory. ``static`` forces the cache kind (True: static cache and, on a GPU,
     CUDA graphs; False: the growing cache); None chooses the static one on a GPU whose attention takes a 4D mask.
-    ``continuous`` batches continuously on the static cache (`_generate_continuous`; not with beam search)."""
+    ``continuous`` batches continuously on the static cache (`_generate_continuous`; not with beam search).
+    ``shared_prefix_attention``: the static cache's step attends to the shared prefix once for all rows
+    (redistill/prefix_attention.py), not in each row's cache; the same answers up to rounding."""
 
     def __init__(
         self,
@@ -517,6 +537,7 @@ class Generator:
         static: bool | None = None,
         decoding: Decoding = GREEDY,
         continuous: bool = False,
+        shared_prefix_attention: bool = False,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.system_prompt, self.max_new_tokens, self.batch_size = system_prompt, max_new_tokens, batch_size
@@ -528,6 +549,7 @@ class Generator:
         self.static = (self.device.type == "cuda" and masks) if static is None else static
         # A growing cache drops finished rows already; beam search keeps each sentence's beams together.
         self.continuous = continuous and self.static and decoding.num_beams == 1
+        self.shared_prefix_attention = shared_prefix_attention and self.static
         self._prefix: list[int] | None = None
         self._prefix_cache = None
         self._static_cache: StaticGraphCache | None = None
@@ -588,14 +610,15 @@ class Generator:
         positions = (prefix_length + filled.long().cumsum(-1) - 1).clamp(min=prefix_length)
         return Prefill(prefix_length, prefix_cache, input_ids, filled, positions, repeat)
 
-    def _cache(self, rows: int, length: int) -> DecodingCache:
+    def _cache(self, rows: int, length: int, prefix_length: int) -> DecodingCache:
         if not self.static:
             return GrowingCache(self.model)
-        if self._static_cache is None or not self._static_cache.fits(rows, length):
+        shared_prefix = prefix_length if self.shared_prefix_attention else 0
+        if self._static_cache is None or not self._static_cache.fits(rows, length, shared_prefix):
             self._static_cache = None  # the old cache and graph go before the new ones are allocated
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self._static_cache = StaticGraphCache.build(self.model, rows, length, self.device)
+            self._static_cache = StaticGraphCache.build(self.model, rows, length, self.device, shared_prefix)
         return self._static_cache
 
     def _search(self, prompts: int, count: int, stops: torch.Tensor) -> Search:
@@ -626,7 +649,8 @@ class Generator:
         prompt_rows = batch_prompts if self.static else count
         rows = prompt_rows * self.decoding.rows
         inputs = self._prefill_inputs(prompts, prompt_rows)
-        cache = self._cache(rows, inputs.prefix_length + inputs.input_ids.shape[1] + self.max_new_tokens)
+        length = inputs.prefix_length + inputs.input_ids.shape[1] + self.max_new_tokens
+        cache = self._cache(rows, length, inputs.prefix_length)
         logits = cache.prefill(inputs)
         search = self._search(prompt_rows, count, torch.tensor(self.stops, device=self.device))
         grammar = self._grammar_state(rows, logits.shape[-1])
@@ -667,7 +691,7 @@ class Generator:
         queue = [index * samples + sample for index in order for sample in range(samples)]  # job: prompt * samples
         batches = prompt_batches([len(prompt) for prompt in prompts], self.sentences_per_batch)
         rows = max(len(batch) for batch in batches) * samples  # as many rows as batch by batch, no fill-up at the end
-        cache = self._cache(rows, prefix_length + max(map(len, suffixes)) + self.max_new_tokens)
+        cache = self._cache(rows, prefix_length + max(map(len, suffixes)) + self.max_new_tokens, prefix_length)
         cache.start(prefix_length, prefix_cache)
         stops = torch.tensor(self.stops, device=self.device)
         search = RowSearch(rows, len(queue), self.max_new_tokens, stops, self.tokenizer.pad_token_id, self._pick())

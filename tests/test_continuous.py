@@ -26,8 +26,18 @@ def forwarded_tokens(model) -> tuple[list[tuple[int, int]], object]:
     return shapes, handle
 
 
-def both_ways(model, tokenizer, texts, batch_size, max_new_tokens=30, system=SYSTEM, stops=None, **settings):
-    """The answers batch by batch on the static cache, and continuously batched: each way's Generator too."""
+def both_ways(
+    model,
+    tokenizer,
+    texts,
+    batch_size,
+    max_new_tokens=30,
+    system=SYSTEM,
+    stops=None,
+    shared_prefix_attention=False,
+    **settings,
+):
+    """The answers batch by batch on the static cache, and continuously batched."""
     runs = []
     for continuous in (False, True):
         generator = Generator(
@@ -39,6 +49,7 @@ def both_ways(model, tokenizer, texts, batch_size, max_new_tokens=30, system=SYS
             static=True,
             decoding=Decoding(**settings),
             continuous=continuous,
+            shared_prefix_attention=shared_prefix_attention,
         )
         generator.stops = stops or generator.stops
         runs.append(generator.generate(texts, progress=False))
@@ -114,7 +125,7 @@ def test_beam_search_and_the_growing_cache_decode_batch_by_batch(tiny):
 
 
 @pytest.mark.slow
-def test_continuous_batching_gives_smollm2s_greedy_answers(tmp_path):
+def test_continuous_batching_and_shared_prefix_attention_give_smollm2s_greedy_answers(tmp_path):
     """A real model, whose answers end at its own end-of-turn token after different lengths."""
     from test_import import SMOLLM2
 
@@ -141,3 +152,13 @@ def test_continuous_batching_gives_smollm2s_greedy_answers(tmp_path):
     )
     assert len({answer.new_tokens for answer in batches}) > 2 and any(answer.ended for answer in batches)
     assert continuous == batches
+    shared = both_ways(
+        loaded.model,
+        loaded.tokenizer,
+        texts,
+        3,
+        max_new_tokens=40,
+        system=DEFAULT_SYSTEM_PROMPT,
+        shared_prefix_attention=True,
+    )
+    assert shared == [batches, continuous]
