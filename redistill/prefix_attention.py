@@ -20,6 +20,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+# transformers checks implementation names for "sdpa", "flash" and "flex": this one must hold none of them
 SHARED_PREFIX_ATTENTION = "redistill_shared_prefix"
 
 
