@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_random_llama3_8b, labelled_rows
 from extract import generator_run, print_table, report, save, timed
 
-from redistill import generation
+from redistill import generation, prefix_attention
 from redistill.cli import main as redistill
 from redistill.generation import ADMIT_ATTENTION
 from redistill.models import load_trained, write_trained_with
@@ -88,6 +88,12 @@ WAYS = {
         "continuous, shared-prefix attention",
         {"continuous": True, "shared_prefix_attention": True},
     ),
+    # the rows' own columns through plain batched products instead of FlexAttention's kernel
+    "-shared-plain": ("batch by batch, shared-prefix attention, plain own part", {"shared_prefix_attention": True}),
+    "-continuous-shared-plain": (
+        "continuous, shared-prefix attention, plain own part",
+        {"continuous": True, "shared_prefix_attention": True},
+    ),
 }
 FLAGS = {"continuous": "--continuous-batching", "shared_prefix_attention": "--shared-prefix-attention"}
 # (baseline, candidate, what the comparison is called after its workload's name): speedup and identical answers
@@ -96,15 +102,18 @@ PAIRS = [
     ("-continuous-free", "-continuous", ", admitted rows' kernel"),
     ("", "-shared", ", shared-prefix attention, batch by batch"),
     ("-continuous", "-continuous-shared", ", shared-prefix attention, continuous"),
+    ("-continuous-shared-plain", "-continuous-shared", ", FlexAttention's own part against the plain one"),
 ]
 WORKLOADS = ("cap", "realistic", "extract")
 RUNS = [workload + way for workload in WORKLOADS for way in WAYS]
 
 
-def admitting(way: str) -> None:
-    """The admitted rows' attention kernels of a run: left to PyTorch (cuDNN's, planned per shape, as before
-    ADMIT_ATTENTION) in the "-free" runs, the generator's own in the others."""
+def switching(way: str) -> None:
+    """The kernels of a run: the admitted rows' attention left to PyTorch (cuDNN's, planned per shape, as before
+    ADMIT_ATTENTION) in the "-free" runs, the generator's own in the others; the shared-prefix attention's own part
+    plain in the "-plain" runs, FlexAttention's in the others."""
     generation.ADMIT_ATTENTION = EVERY_KERNEL if way.endswith("-free") else ADMIT_ATTENTION
+    prefix_attention.OWN_PART_KERNEL = "plain" if way.endswith("-plain") else "flex"
 
 
 def pair(results: dict, label: str, before: dict, after: dict) -> None:
@@ -142,12 +151,12 @@ def generator_runs(args, folder: Path, rows: list[dict], results: dict, done: di
         name = f"{label}, {len(sentences)} sentences, {new_tokens} new tokens at most, batch {size}"
         for way in ways:
             what, options = WAYS[way]
-            admitting(way)
+            switching(way)
             done[workload + way] = run = generator_run(
                 f"{name}: {what}", model, tokenizer, sentences, new_tokens, size, **options
             )
             results["runs"].append(run)
-        admitting("")
+        switching("")
         pairs(results, workload, label, done)
         if forced:
             handle.remove()
@@ -158,7 +167,7 @@ def generator_runs(args, folder: Path, rows: list[dict], results: dict, done: di
             for way in ways:
                 what, options = WAYS[way]
                 profile_to = Path(args.out).with_suffix(f".profile-{workload}{way}.txt")
-                admitting(way)
+                switching(way)
                 generator_run(
                     f"{name}: {what}, profiled",
                     model,
@@ -169,7 +178,7 @@ def generator_runs(args, folder: Path, rows: list[dict], results: dict, done: di
                     profile_to=profile_to,
                     **options,
                 )
-            admitting("")
+            switching("")
     if args.liger:  # the same run to the cap with Liger's fused norm, SwiGLU and rotary kernels in the model
         from transformers.integrations.liger import apply_liger_kernel
 
@@ -197,14 +206,14 @@ def extract_runs(args, work: Path, folder: Path, texts: list[str], results: dict
         flags = [FLAGS[option] for option in WAYS[way][1]]
         command = ["extract", str(lines), "--input-format", "lines", "--model", str(folder), "-o", str(output)]
         command += ["--max-new-tokens", str(args.new_tokens), "--batch-size", str(args.batch_size), *flags]
-        admitting(way)
+        switching(way)
         torch.cuda.reset_peak_memory_stats()
         _, seconds = timed(lambda command=command: redistill(command))
         name = f"`redistill extract` end to end with loading, {count} sentences {' '.join(flags)}"
         done["extract" + way] = run = report(name, count, seconds, 0) | {"answers": output.read_text().splitlines()}
         results["runs"].append(run)
         save(args.out, results)
-    admitting("")
+    switching("")
     pairs(results, "extract", "extract", done)
     save(args.out, results)
 

@@ -4,8 +4,10 @@ Every row of a static batch holds the same prefix (the system turn) in its first
 decoding step's attention (one query token per row) otherwise reads those columns again for every row: on an 8B
 model at a batch of 1024, about a third of the cache it reads each step. Here all rows' queries meet the prefix's
 keys and values of one row, as one dense matrix product per key/value head, and each row's queries meet only its
-own columns after the prefix; one softmax over both parts' scores (float32, the mask added) weighs them. The result
-is attention over the whole row, as SDPA computes it, up to rounding.
+own columns after the prefix: on a GPU through FlexAttention's decoding kernel (the mask added inside it, the columns
+split over the GPU's cores), elsewhere through batched matrix products. Each part returns its output and the
+log-sum-exp of its scores (float32, the mask added), which weigh the two: attention over the whole row, as SDPA
+computes it, up to rounding.
 
 `attending_once_to_shared_prefix` switches a model's attention to this function for a forward pass; the prefix's
 length reaches it through the forward's keyword ``shared_prefix``. Anything but one query token per row (a
@@ -14,6 +16,7 @@ prefill), or no prefix, runs transformers' SDPA as before.
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -52,31 +55,81 @@ def shared_prefix_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface: ``query`` is (rows, heads, 1, head_dim), ``key`` and ``value``
     (rows, kv_heads, columns, head_dim), every row's first ``shared_prefix`` columns the same; ``attention_mask``
-    (rows, 1, 1, columns) is added to the scores. Returns the output as (rows, 1, heads, head_dim)."""
+    (rows, 1, 1, columns) is added to the scores. Returns the output as (rows, 1, heads, head_dim).
+
+    Each part's output comes with the log-sum-exp of its scores, and the two are weighed by them: the softmax over
+    all columns, without a pass over the joined scores."""
     if query.shape[2] != 1 or not shared_prefix:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    prefix = shared_prefix
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    mask = None if attention_mask is None else attention_mask[:, 0, 0]  # (rows, columns): the same for every head
+    prefix_output, prefix_lse = prefix_part(query, key[0, :, :prefix], value[0, :, :prefix], scaling, mask, prefix)
+    own_part = flex_own_part if query.is_cuda and OWN_PART_KERNEL == "flex" else plain_own_part
+    own_mask = None if mask is None else mask[:, prefix:]
+    own_output, own_lse = own_part(query, key[:, :, prefix:], value[:, :, prefix:], scaling, own_mask)
+    top = torch.maximum(prefix_lse, own_lse)
+    prefix_weight, own_weight = (torch.exp(lse - top)[..., None] for lse in (prefix_lse, own_lse))
+    output = (prefix_weight * prefix_output + own_weight * own_output) / (prefix_weight + own_weight)
+    return output.to(query.dtype).transpose(1, 2), None
+
+
+def prefix_part(query, key, value, scaling: float, mask: torch.Tensor | None, prefix: int):
+    """Every row's queries (rows, heads, 1, dim) against the prefix's keys and values (kv_heads, prefix, dim), as one
+    matrix product per key/value head; the output (rows, heads, 1, dim) and log-sum-exp (rows, heads, 1), float32."""
     rows, heads, _, dim = query.shape
-    kv_heads, prefix = key.shape[1], shared_prefix
+    kv_heads = key.shape[0]
     group = heads // kv_heads  # the query heads that share a key/value head
-    scaling = dim**-0.5 if scaling is None else scaling
-    queries = query.reshape(rows * kv_heads, group, dim)  # each row's and key/value head's query heads
-    # the prefix: every row's queries of one key/value head against row 0's prefix, one product per head
-    by_head = queries.view(rows, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads, rows * group, dim)
-    prefix_scores = float32_product(by_head, key[0, :, :prefix].transpose(1, 2))
-    # the rest: each row's queries against its own columns
-    own_keys = key[:, :, prefix:].flatten(0, 1).transpose(1, 2)
-    own_scores = float32_product(queries, own_keys).view(rows, kv_heads, group, -1)
-    prefix_scores = prefix_scores.view(kv_heads, rows, group, prefix).transpose(0, 1)
-    scores = torch.cat([prefix_scores, own_scores], -1)
-    # scaled and masked in one pass over the scores
-    scores = scores * scaling if attention_mask is None else torch.add(attention_mask, scores, alpha=scaling)
-    weights = scores.softmax(-1).to(value.dtype)
-    prefix_weights = weights[..., :prefix].transpose(0, 1).reshape(kv_heads, rows * group, prefix)
-    prefix_output = float32_product(prefix_weights, value[0, :, :prefix]).view(kv_heads, rows, group, dim)
-    own_weights = weights[..., prefix:].flatten(0, 1)
-    own_output = float32_product(own_weights, value[:, :, prefix:].flatten(0, 1)).view(rows, kv_heads, group, dim)
-    output = (prefix_output.transpose(0, 1) + own_output).to(query.dtype)
-    return output.reshape(rows, 1, heads, dim), None
+    by_head = query.view(rows, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads, rows * group, dim)
+    scores = float32_product(by_head, key.transpose(1, 2)).view(kv_heads, rows, group, prefix).transpose(0, 1)
+    scores = scores * scaling if mask is None else torch.add(mask[:, None, None, :prefix], scores, alpha=scaling)
+    lse = scores.logsumexp(-1)
+    weights = torch.exp(scores - lse[..., None]).to(value.dtype).transpose(0, 1).reshape(kv_heads, rows * group, -1)
+    output = float32_product(weights, value).view(kv_heads, rows, group, dim).transpose(0, 1)
+    return output.reshape(rows, heads, 1, dim), lse.reshape(rows, heads, 1)
+
+
+def plain_own_part(query, key, value, scaling: float, mask: torch.Tensor | None):
+    """Each row's queries (rows, heads, 1, dim) against its own keys and values (rows, kv_heads, columns, dim) as
+    batched matrix products, grouped-query heads folded into the rows (no key repeated); output and log-sum-exp as
+    `prefix_part`'s."""
+    rows, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    queries = query.reshape(rows * kv_heads, heads // kv_heads, dim)
+    scores = float32_product(queries, key.flatten(0, 1).transpose(1, 2)).view(rows, kv_heads, -1, key.shape[2])
+    scores = scores * scaling if mask is None else torch.add(mask[:, None, None], scores, alpha=scaling)
+    lse = scores.logsumexp(-1)
+    weights = torch.exp(scores - lse[..., None]).to(value.dtype).flatten(0, 1)
+    output = float32_product(weights, value.flatten(0, 1))
+    return output.reshape(rows, heads, 1, dim), lse.reshape(rows, heads, 1)
+
+
+# The own part's kernel on a GPU: "flex" (PyTorch's FlexAttention, compiled once per cache shape: its decoding
+# kernel splits the columns over the GPU's cores and fuses the mask, in one pass) or "plain" (`plain_own_part`).
+OWN_PART_KERNEL = "flex"
+
+
+def flex_own_part(query, key, value, scaling: float, mask: torch.Tensor | None):
+    """`plain_own_part` through FlexAttention: the mask added to each score inside the kernel."""
+
+    def add_mask(score, row, head, query_index, column):
+        return score if mask is None else score + mask[row, column]
+
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    output, aux = compiled_flex_attention()(
+        query, key, value, score_mod=add_mask, scale=scaling, enable_gqa=True, return_aux=AuxRequest(lse=True)
+    )
+    return output.float(), aux.lse
+
+
+@cache
+def compiled_flex_attention():
+    """FlexAttention runs compiled (its kernels are generated for the score function; a new mask in the same
+    function compiles nothing); compiled on first use, then per new shape."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def float32_product(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

@@ -136,3 +136,21 @@ def test_a_new_prefix_gets_a_step_of_its_own(tiny, cascade_calls):
     assert runs[1] == runs[0]
     lengths = [prefix for _, prefix in cascade_calls]
     assert lengths[0] > lengths[-1] == len(generators[1]._prefix)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_flexattentions_own_part_is_the_plain_one(monkeypatch, dtype, tolerance):
+    """On a GPU the rows' own columns go through FlexAttention's compiled kernel; its conventions (grouped heads,
+    the mask in the score function, the natural log-sum-exp) are checked here through FlexAttention's own unfused
+    implementation (the compiled one is for GPUs: on a CPU it returns no log-sum-exp)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(prefix_attention, "compiled_flex_attention", lambda: flex_attention)
+    query, key, value, mask = step_inputs(dtype)
+    own = (query, key[:, :, PREFIX:], value[:, :, PREFIX:], DIM**-0.5, mask[:, 0, 0, PREFIX:])
+    (flex_output, flex_lse), (output, lse) = prefix_attention.flex_own_part(*own), prefix_attention.plain_own_part(*own)
+    assert flex_output.shape == output.shape == (ROWS, HEADS, 1, DIM) and flex_lse.shape == lse.shape
+    seen = lse > torch.finfo(dtype).min / 2  # row 1 sees none of its own columns: its weight in the merge is 0
+    assert (flex_output - output)[seen].abs().max() < tolerance
+    assert (flex_lse - lse)[seen].abs().max() < tolerance
+    assert (flex_lse[~seen] < torch.finfo(dtype).min / 2).all()
