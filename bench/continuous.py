@@ -83,15 +83,15 @@ WAYS = {
     "": ("batch by batch", {}),
     "-continuous-free": ("continuous, admitted rows' attention kernel left to PyTorch", {"continuous": True}),
     "-continuous": ("continuous", {"continuous": True}),
-    "-shared": ("batch by batch, shared-prefix attention", {"shared_prefix_attention": True}),
-    "-continuous-shared": (
-        "continuous, shared-prefix attention",
-        {"continuous": True, "shared_prefix_attention": True},
-    ),
-    # the rows' own columns through plain batched products instead of FlexAttention's kernel
+    # the rows' own columns through plain batched products: before FlexAttention's kernel, which compiles first
     "-shared-plain": ("batch by batch, shared-prefix attention, plain own part", {"shared_prefix_attention": True}),
     "-continuous-shared-plain": (
         "continuous, shared-prefix attention, plain own part",
+        {"continuous": True, "shared_prefix_attention": True},
+    ),
+    "-shared": ("batch by batch, shared-prefix attention", {"shared_prefix_attention": True}),
+    "-continuous-shared": (
+        "continuous, shared-prefix attention",
         {"continuous": True, "shared_prefix_attention": True},
     ),
 }
@@ -152,16 +152,22 @@ def generator_runs(args, folder: Path, rows: list[dict], results: dict, done: di
         for way in ways:
             what, options = WAYS[way]
             switching(way)
-            done[workload + way] = run = generator_run(
-                f"{name}: {what}", model, tokenizer, sentences, new_tokens, size, **options
-            )
+            try:
+                run = generator_run(f"{name}: {what}", model, tokenizer, sentences, new_tokens, size, **options)
+            except Exception as error:  # a candidate's failure (a kernel that won't compile) costs only its own run
+                results.setdefault("failed", {})[workload + way] = repr(error)
+                print(f"{workload + way} failed: {error!r}", flush=True)
+                continue
+            done[workload + way] = run
             results["runs"].append(run)
+            save(args.out, results)
         switching("")
         pairs(results, workload, label, done)
         if forced:
             handle.remove()
-            first = done[workload + ways[0]]
-            results["realistic_mean_new_tokens"] = round(sum(first["lengths"]) / len(first["lengths"]), 1)
+            if finished := [done[workload + way] for way in ways if workload + way in done]:
+                lengths = finished[0]["lengths"]
+                results["realistic_mean_new_tokens"] = round(sum(lengths) / len(lengths), 1)
         save(args.out, results)
         if args.profile and not forced:  # apart from the timed runs: the profiler slows what it watches
             for way in ways:
@@ -208,7 +214,12 @@ def extract_runs(args, work: Path, folder: Path, texts: list[str], results: dict
         command += ["--max-new-tokens", str(args.new_tokens), "--batch-size", str(args.batch_size), *flags]
         switching(way)
         torch.cuda.reset_peak_memory_stats()
-        _, seconds = timed(lambda command=command: redistill(command))
+        try:
+            _, seconds = timed(lambda command=command: redistill(command))
+        except (Exception, SystemExit) as error:  # the command's own error exits: this run alone is lost
+            results.setdefault("failed", {})["extract" + way] = repr(error)
+            print(f"extract{way} failed: {error!r}", flush=True)
+            continue
         name = f"`redistill extract` end to end with loading, {count} sentences {' '.join(flags)}"
         done["extract" + way] = run = report(name, count, seconds, 0) | {"answers": output.read_text().splitlines()}
         results["runs"].append(run)
