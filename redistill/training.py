@@ -345,7 +345,7 @@ def train(
     loss_log = loss_log_callbacks(config, log_dir, resume is not None, len(examples.train))
     trainer = build_trainer(model, config, examples, tokenizer, params, [clock, *callbacks, *loss_log])
     trainer.tokens_counted_on_host = speedups.no_host_waits
-    trainer.logs_a_step_late = speedups.log_a_step_late and config.world_size == 1
+    trainer.logs_a_step_late = speedups.log_a_step_late and config.world_size == 1 and not env.fsdp  # plain tensors
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before FSDP flattens them
 
     started = time.monotonic()
