@@ -64,9 +64,9 @@ def shared_prefix_attention(
     prefix = shared_prefix
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     mask = None if attention_mask is None else attention_mask[:, 0, 0]  # (rows, columns): the same for every head
-    prefix_output, prefix_lse = prefix_part(query, key[0, :, :prefix], value[0, :, :prefix], scaling, mask, prefix)
+    prefix_mask, own_mask = (None, None) if mask is None else (mask[:, :prefix], mask[:, prefix:])
+    prefix_output, prefix_lse = prefix_part(query, key[0, :, :prefix], value[0, :, :prefix], scaling, prefix_mask)
     own_part = flex_own_part if query.is_cuda and OWN_PART_KERNEL == "flex" else plain_own_part
-    own_mask = None if mask is None else mask[:, prefix:]
     own_output, own_lse = own_part(query, key[:, :, prefix:], value[:, :, prefix:], scaling, own_mask)
     top = torch.maximum(prefix_lse, own_lse)
     prefix_weight, own_weight = (torch.exp(lse - top)[..., None] for lse in (prefix_lse, own_lse))
@@ -74,34 +74,40 @@ def shared_prefix_attention(
     return output.to(query.dtype).transpose(1, 2), None
 
 
-def prefix_part(query, key, value, scaling: float, mask: torch.Tensor | None, prefix: int):
+def prefix_part(query, key, value, scaling: float, mask: torch.Tensor | None):
     """Every row's queries (rows, heads, 1, dim) against the prefix's keys and values (kv_heads, prefix, dim), as one
-    matrix product per key/value head; the output (rows, heads, 1, dim) and log-sum-exp (rows, heads, 1), float32."""
+    matrix product per key/value head; ``mask`` (rows, prefix). The output (rows, heads, 1, dim) and log-sum-exp
+    (rows, heads, 1), float32."""
     rows, heads, _, dim = query.shape
-    kv_heads = key.shape[0]
+    kv_heads, prefix = key.shape[:2]
     group = heads // kv_heads  # the query heads that share a key/value head
     by_head = query.view(rows, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads, rows * group, dim)
     scores = float32_product(by_head, key.transpose(1, 2)).view(kv_heads, rows, group, prefix).transpose(0, 1)
-    scores = scores * scaling if mask is None else torch.add(mask[:, None, None, :prefix], scores, alpha=scaling)
-    lse = scores.logsumexp(-1)
-    weights = torch.exp(scores - lse[..., None]).to(value.dtype).transpose(0, 1).reshape(kv_heads, rows * group, -1)
+    weights, lse = softmax_weights(scores, mask, scaling, value.dtype)
+    weights = weights.transpose(0, 1).reshape(kv_heads, rows * group, prefix)
     output = float32_product(weights, value).view(kv_heads, rows, group, dim).transpose(0, 1)
     return output.reshape(rows, heads, 1, dim), lse.reshape(rows, heads, 1)
 
 
 def plain_own_part(query, key, value, scaling: float, mask: torch.Tensor | None):
     """Each row's queries (rows, heads, 1, dim) against its own keys and values (rows, kv_heads, columns, dim) as
-    batched matrix products, grouped-query heads folded into the rows (no key repeated); output and log-sum-exp as
-    `prefix_part`'s."""
+    batched matrix products, grouped-query heads folded into the rows (no key repeated); ``mask`` (rows, columns).
+    Output and log-sum-exp as `prefix_part`'s."""
     rows, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     queries = query.reshape(rows * kv_heads, heads // kv_heads, dim)
     scores = float32_product(queries, key.flatten(0, 1).transpose(1, 2)).view(rows, kv_heads, -1, key.shape[2])
+    weights, lse = softmax_weights(scores, mask, scaling, value.dtype)
+    output = float32_product(weights.flatten(0, 1), value.flatten(0, 1))
+    return output.reshape(rows, heads, 1, dim), lse.reshape(rows, heads, 1)
+
+
+def softmax_weights(scores: torch.Tensor, mask: torch.Tensor | None, scaling: float, dtype: torch.dtype):
+    """Scores (rows, kv_heads, group, columns), scaled and with the rows' ``mask`` (rows, columns) added: their
+    softmax in ``dtype`` (the values') and their float32 log-sum-exp (rows, kv_heads, group)."""
     scores = scores * scaling if mask is None else torch.add(mask[:, None, None], scores, alpha=scaling)
     lse = scores.logsumexp(-1)
-    weights = torch.exp(scores - lse[..., None]).to(value.dtype).flatten(0, 1)
-    output = float32_product(weights, value.flatten(0, 1))
-    return output.reshape(rows, heads, 1, dim), lse.reshape(rows, heads, 1)
+    return torch.exp(scores - lse[..., None]).to(dtype), lse
 
 
 # The own part's kernel on a GPU: "flex" (PyTorch's FlexAttention, compiled once per cache shape: its decoding
@@ -112,10 +118,10 @@ OWN_PART_KERNEL = "flex"
 def flex_own_part(query, key, value, scaling: float, mask: torch.Tensor | None):
     """`plain_own_part` through FlexAttention: the mask added to each score inside the kernel."""
 
+    from torch.nn.attention.flex_attention import AuxRequest
+
     def add_mask(score, row, head, query_index, column):
         return score if mask is None else score + mask[row, column]
-
-    from torch.nn.attention.flex_attention import AuxRequest
 
     output, aux = compiled_flex_attention()(
         query, key, value, score_mod=add_mask, scale=scaling, enable_gqa=True, return_aux=AuxRequest(lse=True)

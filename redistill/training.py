@@ -497,8 +497,9 @@ class StudentTrainer(SFTTrainer):
         cuda = values.is_cuda
         host = torch.empty(2, pin_memory=cuda)
         host.copy_(values, non_blocking=cuda)
-        copied = torch.cuda.Event() if cuda else None
-        if copied is not None:
+        copied = None
+        if cuda:
+            copied = torch.cuda.Event()
             copied.record()
         state = self.state
         return LateLog(
