@@ -65,7 +65,7 @@ GRAPHS = {**ROW_PADDED, "cuda_graphs": True}
 GRAPHS_128 = {**GRAPHS, "row_length_multiple": 128}
 LIGER = {"liger_kernels": True}
 NO_LIGER = {"liger_kernels": False}
-LATE_LOG = Speedups(log_a_step_late=True)
+LOG_AT_ONCE = Speedups(log_a_step_late=False)
 RUNS = {
     "post": Run("post"),
     "low_memory": Run("low_memory"),
@@ -76,11 +76,9 @@ RUNS = {
     # `fast` before it took Liger's kernels: graphs over rows to 128, fused LoRA.
     "fast-no-liger": Run("fast", NO_LIGER),
     "fast-no-liger-2-epochs": Run("fast", NO_LIGER, whole_epochs=True),
-    # Each logged step read at the next one (Speedups.log_a_step_late), alone and with the layers compiled.
-    "fast-late-log": Run("fast", speedups=LATE_LOG),
-    "fast-late-log-2-epochs": Run("fast", speedups=LATE_LOG, whole_epochs=True),
-    "fast-late-log-profiled": Run("fast", speedups=LATE_LOG, profile=3),
-    "fast-compiled-late-log-2-epochs": Run("fast", COMPILED, LATE_LOG, whole_epochs=True),
+    # Each logged step read at once, as before Speedups.log_a_step_late.
+    "fast-log-at-once": Run("fast", speedups=LOG_AT_ONCE),
+    "fast-log-at-once-2-epochs": Run("fast", speedups=LOG_AT_ONCE, whole_epochs=True),
     "fast-waits": Run("fast", speedups=Speedups(no_host_waits=False)),  # each step waits for the GPU, as before
     # The packed row through SDPA with a block-diagonal mask (cuDNN's kernel off), as before the varlen kernel.
     "fast-sdpa": Run("fast", speedups=Speedups(packed_attention=False)),

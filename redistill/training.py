@@ -43,9 +43,9 @@ class Speedups:
     # loss, tokens counted on the host): the host issues the next step while the GPU still runs this one.
     no_host_waits: bool = True
     # A logged step's loss and gradient norm are copied off the GPU without waiting and logged at the next step, once
-    # that step's work is queued: reading them at once leaves the GPU idle while the host prepares the next step.
-    # Off until measured on a GPU (bench/train.py's late-log runs); the same logs either way (tested).
-    log_a_step_late: bool = False
+    # that step's work is queued: reading them at once leaves the GPU idle while the host prepares the next step
+    # (+7% tokens/s on the `fast` preset; the same logs either way, tested).
+    log_a_step_late: bool = True
 
 
 def check_hardware(params: TrainParams) -> bool:
