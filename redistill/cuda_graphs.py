@@ -36,7 +36,7 @@ class Recording:
 
     forward: torch.cuda.CUDAGraph
     backward: torch.cuda.CUDAGraph
-    inputs: tuple[torch.Tensor, ...]  # hidden states, cos, sin, example boundaries
+    inputs: tuple[torch.Tensor, ...]  # the call's tensors (call_tensors): hidden states, cos, sin, boundaries, ...
     output: torch.Tensor
     grad_output: torch.Tensor
     grad_input: torch.Tensor | None  # where the hidden states ask for a gradient (train.compile's first layer)
@@ -60,7 +60,7 @@ class ReplayLayers(torch.autograd.Function):
         recording.grad_output.copy_(grad_output)
         recording.backward.replay()
         ctx.layers.attach_gradients()
-        return None, None, None, recording.grad_input, None, None, None
+        return None, None, None, recording.grad_input, *[None] * (len(recording.inputs) - 1)
 
 
 class GraphedLayers:
@@ -87,12 +87,13 @@ class GraphedLayers:
         if not self._replayable(hidden_states, cu_seq_lens, max_length):
             return self.run(hidden_states, **kwargs)
         key = (hidden_states.shape[1], cu_seq_lens.numel(), max_length, hidden_states.requires_grad)
-        inputs = (hidden_states, *kwargs["position_embeddings"], cu_seq_lens)
         if key not in self.recordings:
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] <= WARMUP_STEPS:
-                return self.run(hidden_states, **kwargs)
-            self.recordings[key] = self._record(inputs, max_length)
+                with uncached_autocast(hidden_states.device):
+                    return self.run(hidden_states, **kwargs)
+            self.recordings[key] = self._record(hidden_states, kwargs)
+        inputs = call_tensors(hidden_states, kwargs)
         return ReplayLayers.apply(self, self.recordings[key], self.trainable[0], *inputs)
 
     def run(self, hidden_states, **kwargs):
@@ -120,30 +121,70 @@ class GraphedLayers:
             and bool(self.trainable)
         )
 
-    def _record(self, inputs: tuple[torch.Tensor, ...], max_length: int) -> Recording:
-        """Records the layers' forward and backward at these inputs' shapes (after WARMUP_STEPS eager steps)."""
+    def _record(self, hidden_states: torch.Tensor, kwargs: dict) -> Recording:
+        """Records the layers' forward and backward for this call's shapes (after WARMUP_STEPS eager steps), with the
+        call's own arguments at fixed addresses."""
         if self.gradients is None:
             self.gradients = [torch.empty_like(parameter) for parameter in self.trainable]
             self.pool = torch.cuda.graph_pool_handle()
-        static = tuple(tensor.detach().clone().requires_grad_(tensor.requires_grad) for tensor in inputs)
-        hidden, cos, sin, boundaries = static
+        inputs, hidden, static_kwargs = static_call(hidden_states, kwargs)
         wants = self.trainable + ([hidden] if hidden.requires_grad else [])
         forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        # Autocast's cache of cast weights would be recorded as it is now, not follow the adapters' updates.
-        dtype = torch.get_autocast_dtype("cuda")
-        with torch.autocast("cuda", dtype=dtype, enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
+        with uncached_autocast(hidden.device):
             torch.cuda.synchronize()
-            packed = {"cu_seq_lens_q": boundaries, "cu_seq_lens_k": boundaries}
-            packed |= {"max_length_q": max_length, "max_length_k": max_length}
             with torch.cuda.graph(forward, pool=self.pool):
-                output = self.run(hidden, position_embeddings=(cos, sin), **packed)
+                output = self.run(hidden, **static_kwargs)
             grad_output = torch.empty_like(output)
             with torch.cuda.graph(backward, pool=self.pool):
                 gradients = torch.autograd.grad(output, wants, grad_output)
                 torch._foreach_copy_(self.gradients, list(gradients[: len(self.trainable)]))
             grad_input = gradients[-1] if hidden.requires_grad else None
         # Only the inputs, output and gradients stay: the saved activations are freed for the other lengths' graphs.
-        return Recording(forward, backward, static, output.detach(), grad_output, grad_input)
+        return Recording(forward, backward, tuple(inputs), output.detach(), grad_output, grad_input)
+
+
+def uncached_autocast(device: torch.device) -> torch.autocast:
+    """The step's autocast without its cache of cast weights, for a recording and the eager steps before it. A graph
+    recorded with the cache would replay the casts of the step it was recorded in, not follow the adapters' updates;
+    and compiled layers (train.compile) guard on the autocast state: compiled under another, they would compile again
+    inside the recording, where compiling can't run."""
+    kind = device.type
+    dtype, enabled = torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind)
+    return torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=False)
+
+
+def call_tensors(hidden_states: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
+    """The layers' call's tensors in a fixed order: the hidden states, then each tensor among the keyword arguments
+    (inside tuples too, as the rotary cos and sin), a tensor passed twice once."""
+    tensors = {id(hidden_states): hidden_states}
+    for value in kwargs.values():
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, torch.Tensor):
+                tensors.setdefault(id(item), item)
+    return list(tensors.values())
+
+
+def static_call(hidden_states: torch.Tensor, kwargs: dict) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+    """The call at fixed addresses: a clone of each of its tensors (in `call_tensors`' order), and the hidden states
+    and keyword arguments with the clones in their places. The same arguments, the same aliasing: compiled layers
+    would compile again for a call that differs from the eager steps' in either."""
+    clones = {id(tensor): fixed_copy(tensor) for tensor in call_tensors(hidden_states, kwargs)}
+
+    def fixed(value):
+        if isinstance(value, tuple):
+            return tuple(fixed(item) for item in value)
+        return clones[id(value)] if isinstance(value, torch.Tensor) else value
+
+    return list(clones.values()), fixed(hidden_states), {name: fixed(value) for name, value in kwargs.items()}
+
+
+def fixed_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` with its sizes, strides and gradient flag; of a view (a mask cut from a larger one, say),
+    the same view of a copy of its base, as compiled code guards on a view's base too."""
+    if tensor._base is None:
+        return tensor.detach().clone().requires_grad_(tensor.requires_grad)
+    base = fixed_copy(tensor._base)
+    return base.as_strided(tensor.size(), tensor.stride(), tensor.storage_offset())
 
 
 @contextmanager

@@ -9,7 +9,14 @@ from test_training import tiny_train_params, train_tiny
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from redistill import attention
-from redistill.cuda_graphs import WARMUP_STEPS, GraphedLayers, cuda_graph_layers
+from redistill.cuda_graphs import (
+    WARMUP_STEPS,
+    GraphedLayers,
+    call_tensors,
+    cuda_graph_layers,
+    static_call,
+    uncached_autocast,
+)
 from redistill.params import ParamError
 from redistill.row_padding import ROW_PADDING, PaddedRows
 
@@ -67,6 +74,42 @@ def test_the_stand_in_is_the_decoders_layers_only_within_the_block(tiny):
         keys = list(model.state_dict())
     assert decoder.layers is layers
     assert keys == list(model.state_dict())
+
+
+def test_a_recording_calls_compiled_layers_as_the_eager_steps_did(tiny):
+    """Compiled layers (train.compile) guard on how they are called: a recording that called them with other
+    arguments, other aliasing or another autocast state than the eager steps before it would compile them again
+    inside the recording, where compiling can't run. Dynamo's guards are the same on a CPU."""
+    from torch._dynamo.utils import counters
+
+    model, tokenizer = tiny
+    _, batch = examples()
+    row = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(batch)
+    layer = model.get_decoder().layers[0]
+    calls = []
+    hook = layer.register_forward_pre_hook(lambda _, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    try:
+        model(**row, use_cache=False)
+    finally:
+        hook.remove()
+    (hidden,), kwargs = calls[0]
+    assert {"position_embeddings", "position_ids", "cu_seq_lens_q", "seq_idx"} <= set(kwargs)  # a packed row's call
+    compiled = torch.compile(layer, backend="eager", dynamic=True)  # the guards are dynamo's, whatever the backend
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # the trainer's autocast, its cache on
+        with uncached_autocast(hidden.device):
+            eager_step = compiled(hidden, **kwargs)
+        inputs, static_hidden, static_kwargs = static_call(hidden, kwargs)
+        with uncached_autocast(hidden.device):
+            recorded = compiled(static_hidden, **static_kwargs)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(recorded, eager_step)
+    # A replay copies the live call's tensors into the recorded ones, in this order: the same places in the call.
+    assert [id(tensor) for tensor in call_tensors(static_hidden, static_kwargs)] == [id(tensor) for tensor in inputs]
+    live = call_tensors(hidden, kwargs)
+    assert [tensor.shape for tensor in live] == [tensor.shape for tensor in inputs]
+    assert not {tensor.data_ptr() for tensor in live} & {tensor.data_ptr() for tensor in inputs}
 
 
 @pytest.mark.skipif(not attention.packed_attention_available(torch.bfloat16), reason="needs a CUDA GPU")
