@@ -277,16 +277,24 @@ def main() -> None:
         result = folder / "result.json"
         started = time.monotonic()
         argv = run_argv(name, args, model, rows_file, result)
+        log = folder / "stderr.log"  # the run's progress and, where it fails, its error: kept in the results
         try:
-            code = subprocess.run(argv, cwd=folder, timeout=args.run_timeout).returncode
+            with log.open("w") as stderr:
+                code = subprocess.run(argv, cwd=folder, timeout=args.run_timeout, stderr=stderr).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
-        metrics = json.loads(result.read_text()) if code == 0 else {"failed": code}
+        metrics = json.loads(result.read_text()) if code == 0 else {"failed": code, "error": last_lines(log)}
         metrics["process_seconds"] = time.monotonic() - started  # imports, loading, training, saving
         results[name] = metrics
         write_json(args.out, results)  # what has run so far survives a later run's failure
         print(name, json.dumps({k: v for k, v in metrics.items() if k not in ("losses", "step_seconds")}), flush=True)
     print(table(results))
+
+
+def last_lines(log: Path, count: int = 40) -> list[str]:
+    """The last ``count`` lines of a run's stderr, progress bars' redraws left out."""
+    lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
+    return [line for line in lines if "it/s]" not in line and "s/it]" not in line][-count:]
 
 
 def table(results: dict) -> str:
