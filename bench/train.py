@@ -246,7 +246,11 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True, help="folder of a tokenizer (e.g. models/base)")
     parser.add_argument("--data", required=True, help="labelled JSONL, or the post's JSON list of {text, gold_re}")
     parser.add_argument("--steps", type=int, default=40, help="optimiser steps of the timed runs")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated: {NOTEBOOK}, {', '.join(RUNS)}")
+    parser.add_argument(
+        "--runs",
+        default=",".join(RUNS),
+        help=f"comma-separated (a name twice runs twice): {NOTEBOOK}, {', '.join(RUNS)}",
+    )
     parser.add_argument("--profile", type=int, default=0, help="profile this many steps of each timed run (0: none)")
     parser.add_argument(
         "--profile-from", type=int, default=5, help="the optimiser step profiling starts after (past the recordings)"
@@ -271,8 +275,10 @@ def main() -> None:
     rows_file = work / "train.jsonl"
     write_jsonl(rows_file, labelled_rows(args.data))
     results["sentences"] = sum(1 for _ in rows_file.open())
-    for name in names:
-        folder = work / name
+    for index, name in enumerate(names):
+        # A run named twice runs twice: a compiled run's second finds the first's compile caches (train.compile).
+        label = name if name not in names[:index] else f"{name}-again-{names[:index].count(name)}"
+        folder = work / label
         folder.mkdir(parents=True, exist_ok=True)
         result = folder / "result.json"
         started = time.monotonic()
@@ -285,9 +291,9 @@ def main() -> None:
             code = "timeout"
         metrics = json.loads(result.read_text()) if code == 0 else {"failed": code, "error": last_lines(log)}
         metrics["process_seconds"] = time.monotonic() - started  # imports, loading, training, saving
-        results[name] = metrics
+        results[label] = metrics
         write_json(args.out, results)  # what has run so far survives a later run's failure
-        print(name, json.dumps({k: v for k, v in metrics.items() if k not in ("losses", "step_seconds")}), flush=True)
+        print(label, json.dumps({k: v for k, v in metrics.items() if k not in ("losses", "step_seconds")}), flush=True)
     print(table(results))
 
 
