@@ -81,7 +81,12 @@ demo/dvc.yaml: dvc.yaml redistill/demo.py | $(VENV)/.installed  # the demo's pip
 all: setup  ## run the real pipeline with the params in params.yaml (needs GROQ_API_KEY)
 	$(DVC) repro
 
+# Triton's interpreter runs the decoding kernel's tests on a CPU (tests/test_live_attention.py); a GPU's PyTorch
+# brings its own Triton, and users' CPU installs need none.
+TEST_TRITON := triton==3.9.0
+
 test: setup  ## run the test suite
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install --quiet $(TEST_TRITON)
 	$(BIN)/pytest -q
 
 lint: setup  ## ruff, as CI would

@@ -14,6 +14,8 @@ default system prompt so that it loads as a merged student folder does:
   post's, repeated), to the cap, without and with ``--continuous-batching``;
 - each of these once more with shared-prefix attention (``--shared-prefix-attention``: the decoding step reads the
   system prompt's keys and values once for all rows, redistill/prefix_attention.py);
+- and with live-column attention (``--live-column-attention``: the step reads only each row's prefix and own
+  columns, redistill/live_attention.py);
 - with ``--liger``, to the cap once more, continuously batched, with Liger's fused kernels in the model.
 
 Each pair (PAIRS) reports its speedup and how many answers are identical. ``--runs`` chooses the runs by name
@@ -94,8 +96,14 @@ WAYS = {
         "continuous, shared-prefix attention",
         {"continuous": True, "shared_prefix_attention": True},
     ),
+    "-live": ("batch by batch, live-column attention", {"live_column_attention": True}),
+    "-continuous-live": ("continuous, live-column attention", {"continuous": True, "live_column_attention": True}),
 }
-FLAGS = {"continuous": "--continuous-batching", "shared_prefix_attention": "--shared-prefix-attention"}
+FLAGS = {
+    "continuous": "--continuous-batching",
+    "shared_prefix_attention": "--shared-prefix-attention",
+    "live_column_attention": "--live-column-attention",
+}
 # (baseline, candidate, what the comparison is called after its workload's name): speedup and identical answers
 PAIRS = [
     ("", "-continuous", ""),
@@ -103,6 +111,8 @@ PAIRS = [
     ("", "-shared", ", shared-prefix attention, batch by batch"),
     ("-continuous", "-continuous-shared", ", shared-prefix attention, continuous"),
     ("-continuous-shared-plain", "-continuous-shared", ", FlexAttention's own part against the plain one"),
+    ("", "-live", ", live-column attention, batch by batch"),
+    ("-continuous", "-continuous-live", ", live-column attention, continuous"),
 ]
 WORKLOADS = ("cap", "realistic", "extract")
 RUNS = [workload + way for workload in WORKLOADS for way in WAYS]
@@ -190,9 +200,12 @@ def generator_runs(args, folder: Path, rows: list[dict], results: dict, done: di
 
         apply_liger_kernel(model, {"cross_entropy": False, "fused_linear_cross_entropy": False})
         name = f"to the cap, {len(texts)} sentences, {cap} new tokens at most, batch {size}: continuous, Liger kernels"
-        profile_to = Path(args.out).with_suffix(".profile-liger.txt") if args.profile else None
-        liger = generator_run(name, model, tokenizer, texts, cap, size, continuous=True, profile_to=profile_to)
+        liger = generator_run(name, model, tokenizer, texts, cap, size, continuous=True)
         results["runs"].append(liger)
+        if args.profile:  # apart from the timed run, as above
+            profile_to = Path(args.out).with_suffix(".profile-liger.txt")
+            options = {"continuous": True, "profile_to": profile_to}
+            generator_run(f"{name}, profiled", model, tokenizer, texts, cap, size, **options)
         if "cap-continuous" in done:
             pair(results, "to the cap, Liger kernels", done["cap-continuous"], liger)
         save(args.out, results)

@@ -123,7 +123,9 @@ def profiled(out: Path | None):
     busy = sum(event.self_device_time_total for event in events) / 1e6
     summary = f"{seconds:.2f} s wall (profiled), {busy:.2f} s of GPU kernels"
     table = events.table(sort_by="self_cuda_time_total", row_limit=30)
-    out.write_text(summary + "\n" + table)
+    # the same by operator and input shapes: which call of an operator (e.g. which batched product) takes the time
+    shapes = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=40)
+    out.write_text(summary + "\n" + table + "\n\nBy operator and input shapes:\n" + shapes)
     print(summary, flush=True)
     print(table[:8000], flush=True)
 

@@ -44,11 +44,21 @@ class EvalParams:
         "per row ([extract.md](extract.md#shared-prefix-attention)); the same answers up to rounding; measured slower "
         "on an H100 (198 against 206 sentences/s with continuous batching), so off"
     )
+    live_column_attention: bool = param(
+        "on a GPU, each decoding step reads only each row's own columns and the shared prefix, not the cache's "
+        "whole width ([extract.md](extract.md#live-column-attention)); the same answers up to rounding; not yet "
+        "measured on a GPU, so off"
+    )
 
     def validate(self) -> None:
         error = self.decoding.error(lambda name: f"evaluate.decoding.{name}")
         if error is not None:
             raise ParamError(f"params.yaml: {error}")
+        if self.shared_prefix_attention and self.live_column_attention:
+            raise ParamError(
+                "params.yaml: evaluate.shared_prefix_attention and evaluate.live_column_attention are two kernels "
+                "for one decoding step: set one of them to false"
+            )
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,7 @@ def student_outputs(student: "LoadedModel", texts: list[str], params: EvalParams
         decoding=params.decoding,
         continuous=params.continuous_batching,
         shared_prefix_attention=params.shared_prefix_attention,
+        live_column_attention=params.live_column_attention,
     )
     outputs = generator.generate(texts, desc=name)
     return outputs, time.monotonic() - started

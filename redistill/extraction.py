@@ -238,6 +238,7 @@ def extract(args: argparse.Namespace) -> None:
         decoding=decoding,
         continuous=args.continuous_batching,
         shared_prefix_attention=args.shared_prefix_attention,
+        live_column_attention=args.live_column_attention,
     )
     fitting = fit_context(pending, generator, extractor.context - args.max_new_tokens)
     written, chunk_size = 0, generator.sentences_per_batch * CHUNK_BATCHES
@@ -336,11 +337,18 @@ def add_parser(commands) -> None:
         action="store_true",
         help="GPU: rows that finish take the next sentence (the same greedy answers; not with --num-beams)",
     )
-    parser.add_argument(
+    step_attention = parser.add_mutually_exclusive_group()
+    step_attention.add_argument(
         "--shared-prefix-attention",
         action="store_true",
         help="GPU: each decoding step reads the system prompt's keys and values once for all rows (the same answers "
         "up to rounding)",
+    )
+    step_attention.add_argument(
+        "--live-column-attention",
+        action="store_true",
+        help="GPU: each decoding step reads only each row's own columns and the system prompt (the same answers up "
+        "to rounding)",
     )
     add_decoding_options(parser)
     parser.set_defaults(run=extract)

@@ -36,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from redistill.decoding import GREEDY, Decoding, distinct_triples, triples_text, vote
+from redistill.live_attention import attending_to_live_columns
 from redistill.prefix_attention import attending_once_to_shared_prefix
 from redistill.prompts import prompt_ids, stop_token_ids
 from redistill.structured import GrammarState, TripleGrammar
@@ -193,7 +194,9 @@ class StaticGraphCache:
     may look, the dtype's minimum elsewhere. Built once and reused by every batch that fits it.
 
     With ``shared_prefix`` (a length, 0: none), the step attends to every row's first ``shared_prefix`` columns,
-    which hold the same prefix, once for all rows (redistill/prefix_attention.py); a captured graph keeps it."""
+    which hold the same prefix, once for all rows (redistill/prefix_attention.py); a captured graph keeps it.
+    With ``live_columns``, the step reads only each row's prefix and own columns (redistill/live_attention.py):
+    ``starts`` holds each row's first own column, ``bounds`` the prefix's length and the column after the step's."""
 
     model: object
     cache: object
@@ -205,11 +208,20 @@ class StaticGraphCache:
     column: int = 0  # the key position the next step writes
     prefix_length: int = 0
     shared_prefix: int = 0
+    live_columns: bool = False
+    starts: torch.Tensor | None = None
+    bounds: torch.Tensor | None = None
 
     @classmethod
     @torch.inference_mode()
     def build(
-        cls, model, batch_size: int, length: int, device: torch.device, shared_prefix: int = 0
+        cls,
+        model,
+        batch_size: int,
+        length: int,
+        device: torch.device,
+        shared_prefix: int = 0,
+        live_columns: bool = False,
     ) -> "StaticGraphCache":
         from transformers import StaticCache
 
@@ -221,6 +233,9 @@ class StaticGraphCache:
             positions=torch.zeros((batch_size, 1), dtype=torch.long, device=device),
             mask=torch.zeros((batch_size, 1, 1, length), dtype=dtype, device=device),
             shared_prefix=shared_prefix,
+            live_columns=live_columns,
+            starts=torch.zeros(batch_size, dtype=torch.int32, device=device),
+            bounds=torch.tensor([0, length], dtype=torch.int32, device=device),
         )
         state.forward()  # allocates the cache; later batches reset where each layer writes
         if device.type == "cuda":
@@ -234,11 +249,27 @@ class StaticGraphCache:
                 state.logits = state.forward()
         return state
 
-    def fits(self, batch_size: int, length: int, shared_prefix: int = 0) -> bool:
-        return len(self.mask) == batch_size and self.mask.shape[-1] >= length and self.shared_prefix == shared_prefix
+    def fits(self, batch_size: int, length: int, shared_prefix: int = 0, live_columns: bool = False) -> bool:
+        return (
+            len(self.mask) == batch_size
+            and self.mask.shape[-1] >= length
+            and self.shared_prefix == shared_prefix
+            and self.live_columns == live_columns
+        )
 
     def forward(self) -> torch.Tensor:
         """The step (captured as the graph on a GPU)."""
+        if self.live_columns:
+            with attending_to_live_columns(self.model):
+                return last_logits(
+                    self.model,
+                    self.input_ids,
+                    self.mask,
+                    self.positions,
+                    self.cache,
+                    live_starts=self.starts,
+                    live_bounds=self.bounds,
+                )
         if not self.shared_prefix:
             return last_logits(self.model, self.input_ids, self.mask, self.positions, self.cache)
         with attending_once_to_shared_prefix(self.model):
@@ -260,6 +291,8 @@ class StaticGraphCache:
             layer.cumulative_length.fill_(prefix_length)
         self.mask.fill_(self.blocked)
         self.mask[:, 0, 0, :prefix_length] = 0
+        self.starts.fill_(prefix_length)
+        self.bounds[0] = prefix_length
         self.prefix_length = self.column = prefix_length
 
     def prefill(self, inputs: Prefill) -> torch.Tensor:
@@ -307,6 +340,7 @@ class StaticGraphCache:
         mask[:, :prefix_length] = 0
         mask[:, columns] = torch.where(inputs.filled, 0, self.blocked).to(mask.dtype)
         self.mask[rows, 0, 0] = mask
+        self.starts[rows] = columns[0].to(self.starts.dtype)
         self.positions[rows] = inputs.positions[:, -1:]
         return logits
 
@@ -319,6 +353,7 @@ class StaticGraphCache:
         self.positions.add_(1)
         self.mask[:, 0, 0, self.column] = 0
         self.column += 1
+        self.bounds[1] = self.column
         if self.graph is None:
             return self.forward()
         self.graph.replay()
@@ -333,6 +368,7 @@ class StaticGraphCache:
             layer.keys[:, :, : self.column] = layer.keys[source, :, : self.column]
             layer.values[:, :, : self.column] = layer.values[source, :, : self.column]
         self.mask.copy_(self.mask[source])
+        self.starts.copy_(self.starts[source])
         self.positions.copy_(self.positions[source])
 
 
@@ -524,7 +560,9 @@ class Generator:
     CUDA graphs; False: the growing cache); None chooses the static one on a GPU whose attention takes a 4D mask.
     ``continuous`` batches continuously on the static cache (`_generate_continuous`; not with beam search).
     ``shared_prefix_attention``: the static cache's step attends to the shared prefix once for all rows
-    (redistill/prefix_attention.py), not in each row's cache; the same answers up to rounding."""
+    (redistill/prefix_attention.py), not in each row's cache; the same answers up to rounding.
+    ``live_column_attention``: the static cache's step reads only each row's prefix and own columns
+    (redistill/live_attention.py), not the cache's whole width; the same answers up to rounding."""
 
     def __init__(
         self,
@@ -538,7 +576,10 @@ class Generator:
         decoding: Decoding = GREEDY,
         continuous: bool = False,
         shared_prefix_attention: bool = False,
+        live_column_attention: bool = False,
     ) -> None:
+        if shared_prefix_attention and live_column_attention:
+            raise ValueError("shared-prefix and live-column attention are two kernels for one step: choose one")
         self.model, self.tokenizer = model, tokenizer
         self.system_prompt, self.max_new_tokens, self.batch_size = system_prompt, max_new_tokens, batch_size
         self.decoding = decoding
@@ -550,6 +591,7 @@ class Generator:
         # A growing cache drops finished rows already; beam search keeps each sentence's beams together.
         self.continuous = continuous and self.static and decoding.num_beams == 1
         self.shared_prefix_attention = shared_prefix_attention and self.static
+        self.live_column_attention = live_column_attention and self.static
         self._prefix: list[int] | None = None
         self._prefix_cache = None
         self._static_cache: StaticGraphCache | None = None
@@ -614,11 +656,12 @@ class Generator:
         if not self.static:
             return GrowingCache(self.model)
         shared_prefix = prefix_length if self.shared_prefix_attention else 0
-        if self._static_cache is None or not self._static_cache.fits(rows, length, shared_prefix):
+        live = self.live_column_attention
+        if self._static_cache is None or not self._static_cache.fits(rows, length, shared_prefix, live):
             self._static_cache = None  # the old cache and graph go before the new ones are allocated
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self._static_cache = StaticGraphCache.build(self.model, rows, length, self.device, shared_prefix)
+            self._static_cache = StaticGraphCache.build(self.model, rows, length, self.device, shared_prefix, live)
         return self._static_cache
 
     def _search(self, prompts: int, count: int, stops: torch.Tensor) -> Search:

@@ -1,0 +1,158 @@
+"""Live-column attention: the decoding step's kernel reads the prefix of the first row and each row's own columns
+round the ring, nothing else, and gives SDPA's answer over the masked row; the generator answers as before with it.
+The kernel runs on a GPU, or under Triton's interpreter where Triton is installed."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_continuous import SENTENCES
+from test_extract import SYSTEM, stopping_early
+
+from redistill import live_attention
+from redistill.decoding import Decoding
+from redistill.generation import Generator
+from redistill.live_attention import decode_attention
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+# Triton's interpreter must be chosen before Triton is imported, and pytest's other modules import it (through trl):
+# on a CPU the tests below run in a process of their own, started by the last test of this module.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture
+def kernel_device() -> str:
+    """Where the kernel runs: the GPU, else the CPU under Triton's interpreter."""
+    if not torch.cuda.is_available() and not INTERPRETED:
+        pytest.skip("runs under Triton's interpreter, in the process that test_under_tritons_interpreter starts")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(query, key, value, mask, scaling):
+    """SDPA over every column of every row, the mask added: what the kernel must give."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return output.transpose(1, 2)
+
+
+def test_the_kernel_reads_the_first_rows_prefix_and_each_rows_own_columns_round_the_ring(kernel_device):
+    rows, heads, kv_heads, dim, columns, prefix = 5, 8, 2, 32, 40, 7
+    # a GPU runs the kernel as extraction does, in bfloat16: the reference takes the same rounded inputs
+    dtype, tolerance = (torch.bfloat16, 2e-2) if kernel_device == "cuda" else (torch.float32, 1e-5)
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (
+        torch.randn(shape, generator=generator).to(dtype).float()
+        for shape in ((rows, heads, 1, dim), (rows, kv_heads, columns, dim), (rows, kv_heads, columns, dim))
+    )
+    key[:, :, :prefix], value[:, :, :prefix] = key[:1, :, :prefix], value[:1, :, :prefix]  # one shared prefix
+    end = 12  # the column after the step's write: the rows below go round the ring (columns 7..39)
+    starts = torch.tensor([7, 30, 12, 35, 11])  # own columns: 7..11, 30..39 + 7..11, all 33, 35..39 + 7..11, 11
+    blocked = torch.finfo(torch.float32).min
+    mask = torch.full((rows, columns), blocked)
+    mask[:, :prefix] = 0
+    read = torch.zeros((rows, columns), dtype=torch.bool)  # what the kernel may read: all else is NaN below
+    read[0, :prefix] = True  # the prefix, of the first row only
+    ring = columns - prefix
+    for row, start in enumerate(starts.tolist()):
+        own = [prefix + (start - prefix + step) % ring for step in range((end - start - 1) % ring + 1)]
+        mask[row, own] = 0
+        mask[row, own[1:2]] = blocked  # padding before the sentence: read, masked
+        read[row, own] = True
+    expected = reference(query, key, value, mask[:, None, None], dim**-0.5)
+    poisoned_key, poisoned_value = key.clone(), value.clone()
+    unread = ~read[:, None, :, None].expand_as(key)
+    poisoned_key[unread], poisoned_value[unread] = float("nan"), float("nan")
+
+    on = {"device": kernel_device, "dtype": dtype}
+    result = decode_attention(
+        query.to(**on),
+        poisoned_key.to(**on),
+        poisoned_value.to(**on),
+        mask[:, None, None].to(**on),
+        starts.to(dtype=torch.int32, device=kernel_device),
+        torch.tensor([prefix, end], dtype=torch.int32, device=kernel_device),
+        dim**-0.5,
+    )
+    assert result.shape == (rows, 1, heads, dim) and result.dtype == dtype
+    torch.testing.assert_close(result.float().cpu(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.fixture(scope="module")
+def tiny16(tmp_path_factory):
+    """A tiny random Llama whose heads are 16 wide (the kernel's matrix products need 16), its tokenizer, and stop
+    tokens that end its greedy answers at different steps, so that rows refill and go round the ring."""
+    from tiny_model import build_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = build_model(tmp_path_factory.mktemp("tiny-llama-16"), hidden_size=64)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = tokenizer.eos_token
+    return (
+        model,
+        tokenizer,
+        stopping_early(model, tokenizer, SENTENCES, Generator(model, tokenizer, SYSTEM, 30, 1).stops),
+    )
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[int]:
+    """The rows of every call to the kernel from now on."""
+    calls = []
+
+    def spy(query, *args):
+        calls.append(query.shape[0])
+        return decode_attention(query, *args)
+
+    monkeypatch.setattr(live_attention, "decode_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("continuous", "settings"),
+    [(False, {}), (True, {}), (False, {"structured": True}), (True, {"structured": True}), (False, {"num_beams": 2})],
+    ids=["batches", "continuous", "batches-structured", "continuous-structured", "batches-beams"],
+)
+def test_the_answers_are_the_same_with_live_column_attention(tiny16, kernel_device, kernel_calls, continuous, settings):
+    model, tokenizer, stops = tiny16
+    model = model.to(kernel_device)
+
+    def answers(live: bool) -> list:
+        generator = Generator(
+            model,
+            tokenizer,
+            SYSTEM,
+            30,
+            5,
+            static=True,
+            decoding=Decoding(**settings),
+            continuous=continuous,
+            live_column_attention=live,
+        )
+        generator.stops = stops if not settings else generator.stops  # the grammar and beams end answers themselves
+        return generator.generate(SENTENCES, progress=False)
+
+    before = answers(live=False)
+    assert not kernel_calls
+    assert answers(live=True) == before
+    assert kernel_calls  # the decoding steps ran the kernel
+    assert model.config._attn_implementation == "sdpa"  # the model's own attention is back
+
+
+def test_one_step_has_one_attention_kernel():
+    with pytest.raises(ValueError, match="choose one"):
+        Generator(None, None, "", 1, 1, shared_prefix_attention=True, live_column_attention=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or INTERPRETED, reason="the kernel runs here as it is")
+def test_under_tritons_interpreter():
+    """This module's kernel tests, on the CPU, in a process where Triton starts in its interpreter."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    result = subprocess.run(
+        command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=1200
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
