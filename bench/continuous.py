@@ -16,7 +16,8 @@ default system prompt so that it loads as a merged student folder does:
   system prompt's keys and values once for all rows, redistill/prefix_attention.py);
 - and with live-column attention (``--live-column-attention``: the step reads only each row's prefix and own
   columns, redistill/live_attention.py);
-- with ``--liger``, to the cap once more, continuously batched, with Liger's fused kernels in the model.
+- with ``--liger``, to the cap once more, continuously batched (with live-column attention if its run was chosen),
+  with Liger's fused kernels in the model.
 
 Each pair (PAIRS) reports its speedup and how many answers are identical. ``--runs`` chooses the runs by name
 (WAYS: ``cap``, ``cap-continuous``, ``cap-shared``, ``extract-continuous-shared``, ...), so that one GPU call
@@ -199,15 +200,16 @@ def generator_runs(args, folder: Path, rows: list[dict], results: dict, done: di
         from transformers.integrations.liger import apply_liger_kernel
 
         apply_liger_kernel(model, {"cross_entropy": False, "fused_linear_cross_entropy": False})
-        name = f"to the cap, {len(texts)} sentences, {cap} new tokens at most, batch {size}: continuous, Liger kernels"
-        liger = generator_run(name, model, tokenizer, texts, cap, size, continuous=True)
+        way = "-continuous-live" if "cap-continuous-live" in args.runs else "-continuous"  # the best chosen
+        what, options = WAYS[way]
+        name = f"to the cap, {len(texts)} sentences, {cap} new tokens at most, batch {size}: {what}, Liger kernels"
+        liger = generator_run(name, model, tokenizer, texts, cap, size, **options)
         results["runs"].append(liger)
         if args.profile:  # apart from the timed run, as above
             profile_to = Path(args.out).with_suffix(".profile-liger.txt")
-            options = {"continuous": True, "profile_to": profile_to}
-            generator_run(f"{name}, profiled", model, tokenizer, texts, cap, size, **options)
-        if "cap-continuous" in done:
-            pair(results, "to the cap, Liger kernels", done["cap-continuous"], liger)
+            generator_run(f"{name}, profiled", model, tokenizer, texts, cap, size, profile_to=profile_to, **options)
+        if "cap" + way in done:
+            pair(results, f"to the cap, Liger kernels ({what})", done["cap" + way], liger)
         save(args.out, results)
     del model, loaded
     torch.cuda.empty_cache()

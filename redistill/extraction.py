@@ -24,6 +24,7 @@ from redistill import paths
 from redistill.decoding import GREEDY, Decoding
 from redistill.errors import PipelineError
 from redistill.io import jsonl_values, write_json
+from redistill.liger import liger_problem, use_liger_kernels
 from redistill.sentences import sentence_id, split_sentences
 from redistill.triples import clean_label
 
@@ -228,7 +229,11 @@ def extract(args: argparse.Namespace) -> None:
         return
     if Path(args.model) == paths.ADAPTER and not paths.ADAPTER.exists():
         raise PipelineError(f"no adapter at {args.model}: run `make demo` or `dvc repro` first, or pass --model")
+    if args.liger_kernels and (problem := liger_problem("--liger-kernels")):
+        raise PipelineError(problem)
     extractor = load_trained(args.model, args.base, device, quantization=args.quantization)
+    if args.liger_kernels:
+        use_liger_kernels(extractor.model)
     generator = Generator(
         extractor.model,
         extractor.tokenizer,
@@ -349,6 +354,12 @@ def add_parser(commands) -> None:
         action="store_true",
         help="GPU: each decoding step reads only each row's own columns and the system prompt (the same answers up "
         "to rounding)",
+    )
+    parser.add_argument(
+        "--liger-kernels",
+        action="store_true",
+        help="GPU: Liger's fused norm, SwiGLU and rotary kernels in the model (requirements-gpu.txt; the same "
+        "answers up to rounding)",
     )
     add_decoding_options(parser)
     parser.set_defaults(run=extract)

@@ -3,10 +3,10 @@
 PRESETS is the one home of the presets' values: params.yaml's comments and the docs point to the table that
 docs/params.md generates from it."""
 
-import importlib.util
 from dataclasses import dataclass
 
 from redistill.launch import STRATEGIES
+from redistill.liger import liger_runs_here
 from redistill.params import Check, at_least, check_param, in_range, one_of, or_null, param, positive, require
 
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_min_lr")
@@ -95,13 +95,6 @@ PRESETS = {
         "liger_kernels": False,
     },
 }
-
-
-def liger_runs_here() -> bool:
-    """Whether Liger's kernels can run: a CUDA GPU and the liger-kernel package (requirements-gpu.txt)."""
-    import torch
-
-    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
 @dataclass(frozen=True)

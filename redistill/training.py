@@ -3,7 +3,6 @@
 `train()` reads top to bottom through its phases: the environment (device, precision), the examples, the model,
 the trainer's config, the trainer, the run, saving the adapter, and the metrics; each phase is a function here."""
 
-import importlib.util
 import json
 import math
 import shutil
@@ -26,6 +25,7 @@ from redistill.errors import PipelineError
 from redistill.fused_lora import fused_lora
 from redistill.io import atomic_dir
 from redistill.launch import is_launched, local_rank, uses_fsdp
+from redistill.liger import liger_problem, use_liger_kernels
 from redistill.models import load_base, student_tokenizer, write_trained_with
 from redistill.prompts import training_example
 from redistill.row_padding import ROW_PADDING, PaddedRows
@@ -55,10 +55,8 @@ def check_hardware(params: TrainParams) -> bool:
         raise PipelineError("train.quantization: nf4 needs a CUDA GPU (bitsandbytes 4-bit); set it to none on CPU")
     if "8bit" in params.optim and not cuda:
         raise PipelineError(f"train.optim: {params.optim} needs a CUDA GPU (bitsandbytes); use adamw_torch on CPU")
-    if params.liger_kernels and not cuda:
-        raise PipelineError("train.liger_kernels needs a CUDA GPU (Liger's kernels are Triton's); set it to false")
-    if params.liger_kernels and importlib.util.find_spec("liger_kernel") is None:
-        raise PipelineError("train.liger_kernels needs the liger-kernel package: pip install -r requirements-gpu.txt")
+    if params.liger_kernels and (problem := liger_problem("train.liger_kernels")):
+        raise PipelineError(problem)
     if params.distributed == "fsdp" and not cuda:
         raise PipelineError("train.distributed: fsdp needs CUDA GPUs; use ddp on CPU")
     return cuda
@@ -250,10 +248,8 @@ def build_trainer(model, config, examples: Examples, tokenizer, params: TrainPar
     trainer.objective = Objective.of(params)
     trainer.remove_callback(ProgressCallback)  # for LossInProgressBar
     trainer.add_callback(LossInProgressBar)
-    if params.liger_kernels:  # the model's own norm, MLP and rotary code swapped for Liger's, before any compiling
-        from transformers.integrations.liger import apply_liger_kernel
-
-        apply_liger_kernel(trainer.model, {"cross_entropy": False, "fused_linear_cross_entropy": False})
+    if params.liger_kernels:  # before any compiling
+        use_liger_kernels(trainer.model)
     if params.row_length_multiple:
         trainer.data_collator = PaddedRows(trainer.data_collator, params.row_length_multiple, tokenizer.pad_token_id)
     trainer.data_collator = WithAnswerPositions(trainer.data_collator)

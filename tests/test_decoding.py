@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from test_extract import SYSTEM, extract, reference_tokens, stopping_early, tiny_adapter  # noqa: F401
+from test_extract import SYSTEM, extract, reference_tokens, stopping_early
 
 from redistill.decoding import GREEDY, Decoding, triples_text, vote
 from redistill.evaluation import EvalParams
@@ -282,7 +282,7 @@ def test_the_shipped_decoding_is_greedy_and_evaluate_records_it_beside_the_score
     assert metrics["base"]["well_formed_share"] == 1.0 and metrics["base"]["ended_at_eos_share"] == 1.0
 
 
-def test_extract_takes_the_settings_as_options_and_its_sidecar_records_them(tmp_path, tiny_adapter, capsys):  # noqa: F811
+def test_extract_takes_the_settings_as_options_and_its_sidecar_records_them(tmp_path, tiny_adapter, capsys):
     source = tmp_path / "in.txt"
     source.write_text("Alice is from France.\nBob lives in Rome.\n")
     out = tmp_path / "out.jsonl"

@@ -21,22 +21,6 @@ TEXT = (
 SYSTEM = "Extract the triples."
 
 
-@pytest.fixture(scope="session")
-def tiny_adapter(tiny_student, tmp_path_factory) -> Path:
-    """A LoRA adapter with random non-zero weights on the tiny student, saved with its tokenizer as train does."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-adapter")
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_student)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_student).save_pretrained(folder)
-    return folder
-
-
 def extract(*args: str) -> int:
     return main(["extract", *args, "--max-new-tokens", "8", "--device", "cpu"])
 

@@ -1,10 +1,12 @@
 """train.liger_kernels: on a GPU, Liger's kernels in a LoRA-wrapped model give the model's own loss and gradients;
-the fast preset's Liger gives way where it can't run. (On a CPU the setting is refused: tests/test_training.py.)"""
+the fast preset's Liger gives way where it can't run; decoding with them where they can't run is one line. (On a
+CPU the training setting is refused: tests/test_training.py.)"""
 
 import importlib.util
 
 import pytest
 import torch
+from test_extract import extract
 from test_training import tiny_train_params
 from transformers.models.llama import modeling_llama
 
@@ -67,3 +69,21 @@ def test_the_fast_presets_liger_gives_way_where_it_cannot_run(monkeypatch, cuda,
 def test_liger_kernels_set_by_hand_are_refused_with_train_compile():
     with pytest.raises(ParamError, match=r"train\.liger_kernels can't be compiled"):
         tiny_train_params(liger_kernels=True, compile=True).validate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs Liger's kernels")
+def test_decoding_with_liger_kernels_where_they_cant_run_is_one_line(tmp_path, tiny_adapter, capsys):
+    from redistill.evaluation import EvalParams
+    from redistill.params import load_block, read_params_file
+
+    params = read_params_file()
+    params["evaluate"]["liger_kernels"] = True
+    with pytest.raises(ParamError) as error:
+        load_block(EvalParams, "evaluate", params)
+    line = "evaluate.liger_kernels needs a CUDA GPU (Liger's kernels are Triton's); leave it off here"
+    assert str(error.value) == f"params.yaml: {line}"
+    source, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    source.write_text("Alice is from France.\n")
+    assert extract(str(source), "--model", str(tiny_adapter), "-o", str(out), "--liger-kernels") == 1
+    assert capsys.readouterr().err.strip() == "error: " + line.replace("evaluate.liger_kernels", "--liger-kernels")
+    assert not out.exists()
