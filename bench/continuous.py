@@ -12,19 +12,17 @@ default system prompt so that it loads as a merged student folder does:
   and both paths' answers (so their lengths) are compared;
 - **`redistill extract` end to end** (loading, reading, writing JSONL) on ``--extract-sentences`` sentences (the
   post's, repeated), to the cap, without and with ``--continuous-batching``;
-- each of these once more with shared-prefix attention (``--shared-prefix-attention``: the decoding step reads the
-  system prompt's keys and values once for all rows, redistill/prefix_attention.py);
-- and with live-column attention (``--live-column-attention``: the step reads only each row's prefix and own
-  columns, redistill/live_attention.py);
+- each of these once more with live-column attention (``--live-column-attention``: the step reads only each row's
+  prefix and own columns, redistill/live_attention.py);
 - with ``--liger``, to the cap once more, continuously batched (with live-column attention if its run was chosen),
   with Liger's fused kernels in the model.
 
 Each pair (PAIRS) reports its speedup and how many answers are identical. ``--runs`` chooses the runs by name
-(WAYS: ``cap``, ``cap-continuous``, ``cap-shared``, ``extract-continuous-shared``, ...), so that one GPU call
-measures a baseline and its candidate side by side:
+(WAYS: ``cap``, ``cap-continuous``, ``cap-continuous-live``, ``extract-continuous-live``, ...), so that one GPU
+call measures a baseline and its candidate side by side:
 
     python bench/continuous.py --tokenizer DIR --data sft_dataset.json --out continuous.json
-    python bench/continuous.py ... --runs cap-continuous,cap-continuous-shared,extract,extract-shared
+    python bench/continuous.py ... --runs cap-continuous,cap-continuous-live --liger
 """
 
 import argparse
@@ -40,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_random_llama3_8b, labelled_rows
 from extract import generator_run, print_table, report, save, timed
 
-from redistill import generation, prefix_attention
+from redistill import generation
 from redistill.cli import main as redistill
 from redistill.generation import ADMIT_ATTENTION
 from redistill.models import load_trained, write_trained_with
@@ -80,38 +78,20 @@ def force_lengths(model, lengths: list[int], pad: int, stop: int):
     return model.register_forward_hook(hook, with_kwargs=True)
 
 
-# How each workload is decoded, in the order the runs go: the suffix that names a run (`--runs cap-shared`), what it
-# is called, and the Generator's options (`redistill extract`'s flags for the end-to-end runs).
+# How each workload is decoded, in the order the runs go: the suffix that names a run (`--runs cap-continuous-live`),
+# what it is called, and the Generator's options (`redistill extract`'s flags for the end-to-end runs).
 WAYS = {
     "": ("batch by batch", {}),
     "-continuous-free": ("continuous, admitted rows' attention kernel left to PyTorch", {"continuous": True}),
     "-continuous": ("continuous", {"continuous": True}),
-    # the rows' own columns through plain batched products: before FlexAttention's kernel, which compiles first
-    "-shared-plain": ("batch by batch, shared-prefix attention, plain own part", {"shared_prefix_attention": True}),
-    "-continuous-shared-plain": (
-        "continuous, shared-prefix attention, plain own part",
-        {"continuous": True, "shared_prefix_attention": True},
-    ),
-    "-shared": ("batch by batch, shared-prefix attention", {"shared_prefix_attention": True}),
-    "-continuous-shared": (
-        "continuous, shared-prefix attention",
-        {"continuous": True, "shared_prefix_attention": True},
-    ),
     "-live": ("batch by batch, live-column attention", {"live_column_attention": True}),
     "-continuous-live": ("continuous, live-column attention", {"continuous": True, "live_column_attention": True}),
 }
-FLAGS = {
-    "continuous": "--continuous-batching",
-    "shared_prefix_attention": "--shared-prefix-attention",
-    "live_column_attention": "--live-column-attention",
-}
+FLAGS = {"continuous": "--continuous-batching", "live_column_attention": "--live-column-attention"}
 # (baseline, candidate, what the comparison is called after its workload's name): speedup and identical answers
 PAIRS = [
     ("", "-continuous", ""),
     ("-continuous-free", "-continuous", ", admitted rows' kernel"),
-    ("", "-shared", ", shared-prefix attention, batch by batch"),
-    ("-continuous", "-continuous-shared", ", shared-prefix attention, continuous"),
-    ("-continuous-shared-plain", "-continuous-shared", ", FlexAttention's own part against the plain one"),
     ("", "-live", ", live-column attention, batch by batch"),
     ("-continuous", "-continuous-live", ", live-column attention, continuous"),
 ]
@@ -120,11 +100,9 @@ RUNS = [workload + way for workload in WORKLOADS for way in WAYS]
 
 
 def switching(way: str) -> None:
-    """The kernels of a run: the admitted rows' attention left to PyTorch (cuDNN's, planned per shape, as before
-    ADMIT_ATTENTION) in the "-free" runs, the generator's own in the others; the shared-prefix attention's own part
-    plain in the "-plain" runs, FlexAttention's in the others."""
+    """The admitted rows' attention kernel of a run: left to PyTorch (cuDNN's, planned per shape, as before
+    ADMIT_ATTENTION) in the "-free" runs, the generator's own in the others."""
     generation.ADMIT_ATTENTION = EVERY_KERNEL if way.endswith("-free") else ADMIT_ATTENTION
-    prefix_attention.OWN_PART_KERNEL = "plain" if way.endswith("-plain") else "flex"
 
 
 def pair(results: dict, label: str, before: dict, after: dict) -> None:

@@ -40,11 +40,6 @@ class EvalParams:
         "on a GPU, rows that finish take the next sentence instead of waiting for their batch's longest answer "
         "([extract.md](extract.md#continuous-batching)); the same greedy answers; not with beam search"
     )
-    shared_prefix_attention: bool = param(
-        "on a GPU, each decoding step reads the shared system prompt's keys and values once for all rows, not once "
-        "per row ([extract.md](extract.md#shared-prefix-attention)); the same answers up to rounding; measured slower "
-        "on an H100 (198 against 206 sentences/s with continuous batching), so off"
-    )
     live_column_attention: bool = param(
         "on a GPU, each decoding step reads only each row's own columns and the shared prefix, not the cache's "
         "whole width ([extract.md](extract.md#live-column-attention)); the same answers up to rounding; 1.12-1.17x "
@@ -61,11 +56,6 @@ class EvalParams:
             raise ParamError(f"params.yaml: {error}")
         if self.liger_kernels and (problem := liger_problem("evaluate.liger_kernels")):
             raise ParamError(f"params.yaml: {problem}")
-        if self.shared_prefix_attention and self.live_column_attention:
-            raise ParamError(
-                "params.yaml: evaluate.shared_prefix_attention and evaluate.live_column_attention are two kernels "
-                "for one decoding step: set one of them to false"
-            )
 
 
 @dataclass(frozen=True)
@@ -105,7 +95,6 @@ def student_outputs(student: "LoadedModel", texts: list[str], params: EvalParams
         params.batch_size,
         decoding=params.decoding,
         continuous=params.continuous_batching,
-        shared_prefix_attention=params.shared_prefix_attention,
         live_column_attention=params.live_column_attention,
     )
     outputs = generator.generate(texts, desc=name)

@@ -242,7 +242,6 @@ def extract(args: argparse.Namespace) -> None:
         batch_size,
         decoding=decoding,
         continuous=args.continuous_batching,
-        shared_prefix_attention=args.shared_prefix_attention,
         live_column_attention=args.live_column_attention,
     )
     fitting = fit_context(pending, generator, extractor.context - args.max_new_tokens)
@@ -342,14 +341,7 @@ def add_parser(commands) -> None:
         action="store_true",
         help="GPU: rows that finish take the next sentence (the same greedy answers; not with --num-beams)",
     )
-    step_attention = parser.add_mutually_exclusive_group()
-    step_attention.add_argument(
-        "--shared-prefix-attention",
-        action="store_true",
-        help="GPU: each decoding step reads the system prompt's keys and values once for all rows (the same answers "
-        "up to rounding)",
-    )
-    step_attention.add_argument(
+    parser.add_argument(
         "--live-column-attention",
         action="store_true",
         help="GPU: each decoding step reads only each row's own columns and the system prompt (the same answers up "

@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 from redistill.decoding import GREEDY, Decoding, distinct_triples, triples_text, vote
 from redistill.live_attention import attending_to_live_columns
-from redistill.prefix_attention import attending_once_to_shared_prefix
 from redistill.prompts import prompt_ids, stop_token_ids
 from redistill.structured import GrammarState, TripleGrammar
 
@@ -74,7 +73,7 @@ def last_logits(
     model, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, **attention
 ) -> torch.Tensor:
     """One forward pass over the cache; the logits of each row's next token. ``attention``: keywords for the
-    attention function (``shared_prefix``)."""
+    attention function (live-column attention's ``live_starts`` and ``live_bounds``)."""
     logits = model(
         input_ids=input_ids,
         attention_mask=mask,
@@ -193,8 +192,6 @@ class StaticGraphCache:
     a CUDA graph's replay on a GPU, a plain forward elsewhere. Every key position has a mask entry: 0 where a row
     may look, the dtype's minimum elsewhere. Built once and reused by every batch that fits it.
 
-    With ``shared_prefix`` (a length, 0: none), the step attends to every row's first ``shared_prefix`` columns,
-    which hold the same prefix, once for all rows (redistill/prefix_attention.py); a captured graph keeps it.
     With ``live_columns``, the step reads only each row's prefix and own columns (redistill/live_attention.py):
     ``starts`` holds each row's first own column, ``bounds`` the prefix's length and the column after the step's."""
 
@@ -207,7 +204,6 @@ class StaticGraphCache:
     logits: torch.Tensor | None = None  # the graph's output
     column: int = 0  # the key position the next step writes
     prefix_length: int = 0
-    shared_prefix: int = 0
     live_columns: bool = False
     starts: torch.Tensor | None = None
     bounds: torch.Tensor | None = None
@@ -220,7 +216,6 @@ class StaticGraphCache:
         batch_size: int,
         length: int,
         device: torch.device,
-        shared_prefix: int = 0,
         live_columns: bool = False,
     ) -> "StaticGraphCache":
         from transformers import StaticCache
@@ -232,7 +227,6 @@ class StaticGraphCache:
             input_ids=torch.zeros((batch_size, 1), dtype=torch.long, device=device),
             positions=torch.zeros((batch_size, 1), dtype=torch.long, device=device),
             mask=torch.zeros((batch_size, 1, 1, length), dtype=dtype, device=device),
-            shared_prefix=shared_prefix,
             live_columns=live_columns,
             starts=torch.zeros(batch_size, dtype=torch.int32, device=device),
             bounds=torch.tensor([0, length], dtype=torch.int32, device=device),
@@ -249,13 +243,8 @@ class StaticGraphCache:
                 state.logits = state.forward()
         return state
 
-    def fits(self, batch_size: int, length: int, shared_prefix: int = 0, live_columns: bool = False) -> bool:
-        return (
-            len(self.mask) == batch_size
-            and self.mask.shape[-1] >= length
-            and self.shared_prefix == shared_prefix
-            and self.live_columns == live_columns
-        )
+    def fits(self, batch_size: int, length: int, live_columns: bool = False) -> bool:
+        return len(self.mask) == batch_size and self.mask.shape[-1] >= length and self.live_columns == live_columns
 
     def forward(self) -> torch.Tensor:
         """The step (captured as the graph on a GPU)."""
@@ -270,12 +259,7 @@ class StaticGraphCache:
                     live_starts=self.starts,
                     live_bounds=self.bounds,
                 )
-        if not self.shared_prefix:
-            return last_logits(self.model, self.input_ids, self.mask, self.positions, self.cache)
-        with attending_once_to_shared_prefix(self.model):
-            return last_logits(
-                self.model, self.input_ids, self.mask, self.positions, self.cache, shared_prefix=self.shared_prefix
-            )
+        return last_logits(self.model, self.input_ids, self.mask, self.positions, self.cache)
 
     @property
     def blocked(self) -> float:
@@ -559,8 +543,6 @@ class Generator:
     samples or beams cost time, not memory. ``static`` forces the cache kind (True: static cache and, on a GPU,
     CUDA graphs; False: the growing cache); None chooses the static one on a GPU whose attention takes a 4D mask.
     ``continuous`` batches continuously on the static cache (`_generate_continuous`; not with beam search).
-    ``shared_prefix_attention``: the static cache's step attends to the shared prefix once for all rows
-    (redistill/prefix_attention.py), not in each row's cache; the same answers up to rounding.
     ``live_column_attention``: the static cache's step reads only each row's prefix and own columns
     (redistill/live_attention.py), not the cache's whole width; the same answers up to rounding."""
 
@@ -575,11 +557,8 @@ class Generator:
         static: bool | None = None,
         decoding: Decoding = GREEDY,
         continuous: bool = False,
-        shared_prefix_attention: bool = False,
         live_column_attention: bool = False,
     ) -> None:
-        if shared_prefix_attention and live_column_attention:
-            raise ValueError("shared-prefix and live-column attention are two kernels for one step: choose one")
         self.model, self.tokenizer = model, tokenizer
         self.system_prompt, self.max_new_tokens, self.batch_size = system_prompt, max_new_tokens, batch_size
         self.decoding = decoding
@@ -590,7 +569,6 @@ class Generator:
         self.static = (self.device.type == "cuda" and masks) if static is None else static
         # A growing cache drops finished rows already; beam search keeps each sentence's beams together.
         self.continuous = continuous and self.static and decoding.num_beams == 1
-        self.shared_prefix_attention = shared_prefix_attention and self.static
         self.live_column_attention = live_column_attention and self.static
         self._prefix: list[int] | None = None
         self._prefix_cache = None
@@ -652,16 +630,15 @@ class Generator:
         positions = (prefix_length + filled.long().cumsum(-1) - 1).clamp(min=prefix_length)
         return Prefill(prefix_length, prefix_cache, input_ids, filled, positions, repeat)
 
-    def _cache(self, rows: int, length: int, prefix_length: int) -> DecodingCache:
+    def _cache(self, rows: int, length: int) -> DecodingCache:
         if not self.static:
             return GrowingCache(self.model)
-        shared_prefix = prefix_length if self.shared_prefix_attention else 0
         live = self.live_column_attention
-        if self._static_cache is None or not self._static_cache.fits(rows, length, shared_prefix, live):
+        if self._static_cache is None or not self._static_cache.fits(rows, length, live):
             self._static_cache = None  # the old cache and graph go before the new ones are allocated
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self._static_cache = StaticGraphCache.build(self.model, rows, length, self.device, shared_prefix, live)
+            self._static_cache = StaticGraphCache.build(self.model, rows, length, self.device, live)
         return self._static_cache
 
     def _search(self, prompts: int, count: int, stops: torch.Tensor) -> Search:
@@ -693,7 +670,7 @@ class Generator:
         rows = prompt_rows * self.decoding.rows
         inputs = self._prefill_inputs(prompts, prompt_rows)
         length = inputs.prefix_length + inputs.input_ids.shape[1] + self.max_new_tokens
-        cache = self._cache(rows, length, inputs.prefix_length)
+        cache = self._cache(rows, length)
         logits = cache.prefill(inputs)
         search = self._search(prompt_rows, count, torch.tensor(self.stops, device=self.device))
         grammar = self._grammar_state(rows, logits.shape[-1])
@@ -734,7 +711,7 @@ class Generator:
         queue = [index * samples + sample for index in order for sample in range(samples)]  # job: prompt * samples
         batches = prompt_batches([len(prompt) for prompt in prompts], self.sentences_per_batch)
         rows = max(len(batch) for batch in batches) * samples  # as many rows as batch by batch, no fill-up at the end
-        cache = self._cache(rows, prefix_length + max(map(len, suffixes)) + self.max_new_tokens, prefix_length)
+        cache = self._cache(rows, prefix_length + max(map(len, suffixes)) + self.max_new_tokens)
         cache.start(prefix_length, prefix_cache)
         stops = torch.tensor(self.stops, device=self.device)
         search = RowSearch(rows, len(queue), self.max_new_tokens, stops, self.tokenizer.pad_token_id, self._pick())

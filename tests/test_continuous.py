@@ -34,7 +34,6 @@ def both_ways(
     max_new_tokens=30,
     system=SYSTEM,
     stops=None,
-    shared_prefix_attention=False,
     **settings,
 ):
     """The answers batch by batch on the static cache, and continuously batched."""
@@ -49,7 +48,6 @@ def both_ways(
             static=True,
             decoding=Decoding(**settings),
             continuous=continuous,
-            shared_prefix_attention=shared_prefix_attention,
         )
         generator.stops = stops or generator.stops
         runs.append(generator.generate(texts, progress=False))
@@ -125,7 +123,7 @@ def test_beam_search_and_the_growing_cache_decode_batch_by_batch(tiny):
 
 
 @pytest.mark.slow
-def test_continuous_batching_and_shared_prefix_attention_give_smollm2s_greedy_answers(tmp_path):
+def test_continuous_batching_gives_smollm2s_greedy_answers(tmp_path):
     """A real model, whose answers end at its own end-of-turn token after different lengths."""
     from test_import import SMOLLM2
 
@@ -152,13 +150,3 @@ def test_continuous_batching_and_shared_prefix_attention_give_smollm2s_greedy_an
     )
     assert len({answer.new_tokens for answer in batches}) > 2 and any(answer.ended for answer in batches)
     assert continuous == batches
-    shared = both_ways(
-        loaded.model,
-        loaded.tokenizer,
-        texts,
-        3,
-        max_new_tokens=40,
-        system=DEFAULT_SYSTEM_PROMPT,
-        shared_prefix_attention=True,
-    )
-    assert shared == [batches, continuous]

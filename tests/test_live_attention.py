@@ -16,6 +16,7 @@ from redistill import live_attention
 from redistill.decoding import Decoding
 from redistill.generation import Generator
 from redistill.live_attention import decode_attention
+from redistill.prompts import DEFAULT_SYSTEM_PROMPT
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 # Triton's interpreter must be chosen before Triton is imported, and pytest's other modules import it (through trl):
@@ -142,9 +143,39 @@ def test_the_answers_are_the_same_with_live_column_attention(tiny16, kernel_devi
     assert model.config._attn_implementation == "sdpa"  # the model's own attention is back
 
 
-def test_one_step_has_one_attention_kernel():
-    with pytest.raises(ValueError, match="choose one"):
-        Generator(None, None, "", 1, 1, shared_prefix_attention=True, live_column_attention=True)
+@pytest.mark.slow
+def test_smollm2s_greedy_answers_are_the_same_with_live_column_attention(kernel_device, kernel_calls, tmp_path):
+    """A real model (heads 64 wide, 3 query heads to a key/value head), whose answers end at its own end of turn."""
+    from test_import import SMOLLM2
+
+    from redistill.models import load_student
+    from redistill.student import StudentParams, import_gguf
+
+    import_gguf(SMOLLM2, tmp_path / "base")
+    student = StudentParams(
+        model=str(tmp_path / "base"), system_prompt=None, chat_template_fallback=None, attn_implementation="sdpa"
+    )
+    loaded = load_student(student, DEFAULT_SYSTEM_PROMPT, kernel_device)
+    texts = ["Marie Curie was born in Warsaw.", "Bob met Ann.", "Tolkien wrote The Hobbit.", "Rome is in Italy."]
+
+    def answers(live: bool, continuous: bool) -> list:
+        generator = Generator(
+            loaded.model,
+            loaded.tokenizer,
+            DEFAULT_SYSTEM_PROMPT,
+            24,
+            3,
+            static=True,
+            continuous=continuous,
+            live_column_attention=live,
+        )
+        return generator.generate(texts, progress=False)
+
+    before = answers(live=False, continuous=False)
+    assert any(answer.ended for answer in before)
+    assert answers(live=True, continuous=False) == before
+    assert answers(live=True, continuous=True) == before
+    assert kernel_calls
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or INTERPRETED, reason="the kernel runs here as it is")
