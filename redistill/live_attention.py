@@ -66,7 +66,7 @@ def live_column_attention(
     fits_kernel = dim >= 16 and dim & (dim - 1) == 0  # the kernel's matrix products: 16 wide or more, powers of two
     if query.shape[2] != 1 or live_starts is None or not on_kernel or not fits_kernel:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scaling = dim**-0.5 if scaling is None else scaling
     return decode_attention(query, key, value, attention_mask, live_starts, live_bounds, scaling), None
 
 

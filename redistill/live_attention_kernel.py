@@ -49,9 +49,14 @@ def attend(
     for first in range(0, prefix, BLOCK):  # the shared prefix, the first row's copy: the same for every row
         column = first + offsets
         valid = column < prefix
-        at = column[:, None] * key_column + dims[None, :]
-        k = tl.load(key + kv_head * key_head + at, mask=valid[:, None], other=0.0)
-        v = tl.load(value + kv_head * value_head + at, mask=valid[:, None], other=0.0)
+        k = tl.load(
+            key + kv_head * key_head + column[:, None] * key_column + dims[None, :], mask=valid[:, None], other=0.0
+        )
+        v = tl.load(
+            value + kv_head * value_head + column[:, None] * value_column + dims[None, :],
+            mask=valid[:, None],
+            other=0.0,
+        )
         zero = tl.zeros((BLOCK,), tl.float32)
         top, total, acc = accumulate(q, k, v, zero, valid, scaling, top, total, acc)
     for first in range(0, own, BLOCK):  # the row's own columns, round the ring from its first one

@@ -72,7 +72,7 @@ def test_the_kernel_reads_the_first_rows_prefix_and_each_rows_own_columns_round_
     result = decode_attention(
         query.to(**on),
         poisoned_key.to(**on),
-        poisoned_value.to(**on),
+        poisoned_value.to(**on).transpose(1, 2).contiguous().transpose(1, 2),  # other strides than the keys'
         mask[:, None, None].to(**on),
         starts.to(dtype=torch.int32, device=kernel_device),
         torch.tensor([prefix, end], dtype=torch.int32, device=kernel_device),
