@@ -337,7 +337,8 @@ class StaticGraphCache:
         self.positions.add_(1)
         self.mask[:, 0, 0, self.column] = 0
         self.column += 1
-        self.bounds[1] = self.column
+        if self.live_columns:  # the kernel's end column; a write per step that SDPA's step does not need
+            self.bounds[1] = self.column
         if self.graph is None:
             return self.forward()
         self.graph.replay()
