@@ -80,6 +80,11 @@ RUNS = {
     "fast-log-at-once": Run("fast", speedups=LOG_AT_ONCE),
     "fast-log-at-once-2-epochs": Run("fast", speedups=LOG_AT_ONCE, whole_epochs=True),
     "fast-waits": Run("fast", speedups=Speedups(no_host_waits=False)),  # each step waits for the GPU, as before
+    # Every row shape recorded before the first step (Speedups.record_rows_ahead), not when the run meets it.
+    "fast-rows-ahead": Run("fast", speedups=Speedups(record_rows_ahead=True)),
+    "fast-rows-ahead-2-epochs": Run("fast", speedups=Speedups(record_rows_ahead=True), whole_epochs=True),
+    # The trainer's clipping (a pass scaling every gradient), as before Speedups.clip_in_optimizer.
+    "fast-clip-by-trainer-2-epochs": Run("fast", speedups=Speedups(clip_in_optimizer=False), whole_epochs=True),
     # The packed row through SDPA with a block-diagonal mask (cuDNN's kernel off), as before the varlen kernel.
     "fast-sdpa": Run("fast", speedups=Speedups(packed_attention=False)),
     # peft's casts of each projection's input to the fp32 adapter dtype kept (train() skips them under bf16).
@@ -165,7 +170,7 @@ class StepProfiler(TrainerCallback):
             self.profiler.__exit__(None, None, None)
             events = self.profiler.key_averages()
             gpu = sum(event.self_device_time_total for event in events) / 1e6
-            table = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
+            table = events.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90)
             table += events.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=70)
             summary = f"{self.steps} steps: wall {wall:.3f} s, GPU kernels {gpu:.3f} s ({gpu / wall:.0%} busy)\n"
             self.out.write_text(summary + table)

@@ -7,12 +7,13 @@ and the optimiser step.
 
 A graph replays fixed shapes, so packed rows are padded to a few lengths (train.row_length_multiple, which always adds
 its dummy example: the count of examples in a row is fixed too). One forward and one backward graph are recorded for
-each row length after one eager step at it. They share one memory pool and keep only their inputs and output apart: the
+each row length, before the run's first step where its order of rows is known (training.py, `RecordRowShapesAhead`),
+after one eager step at the first. They share one memory pool and keep only their inputs and output apart: the
 activations that a forward saves for its backward are dead once that backward has run, so a step of one length may
-reuse the memory of the last step of another. The adapters' gradients are copied, inside the backward graph, into one
-set of buffers that every length shares, and attached as the parameters' ``.grad``; so the optimiser, gradient
-clipping and zeroing are the trainer's own. That needs one micro-batch per optimiser step (train.grad_accum: 1):
-the next backward overwrites the buffers.
+reuse the memory of the last step of another. The adapters' gradients land, inside the backward graph, in one set of
+buffers that every length shares (fused LoRA writes them there; others are copied), and are attached as the
+parameters' ``.grad``; so the optimiser, gradient clipping and zeroing are the trainer's own. That needs one
+micro-batch per optimiser step (train.grad_accum: 1): the next backward overwrites the buffers.
 
 Not torch.compile's ``reduce-overhead`` mode: on an H200 its compiled backward crashed the process (a segmentation
 fault on the first step, with and without CUDA graph trees); the layers here may still be compiled (train.compile),
@@ -25,9 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
+from redistill.fused_lora import gradients_into
 from redistill.models import decoder_of
 
-WARMUP_STEPS = 1  # eager runs of a new row length before it is recorded (cuBLAS and compiled code settle first)
+# Eager runs before a recording, where one is needed: cuBLAS, flash attention and Triton's kernels set up and compile
+# on their first call, which can't happen while recording (tests/test_cuda_graphs.py).
+WARMUP_STEPS = 1
 
 
 @dataclass
@@ -68,12 +72,13 @@ class GraphedLayers:
     callable that runs every layer. The layers stay registered where they were, so parameter names, the state dict and
     the saved adapter are unchanged."""
 
-    def __init__(self, layers: torch.nn.ModuleList) -> None:
+    def __init__(self, layers: torch.nn.ModuleList, compiled: bool = False) -> None:
         self.layers = layers
+        self.compiled = compiled
         self.trainable = [parameter for parameter in layers.parameters() if parameter.requires_grad]
         self.gradients: list[torch.Tensor] | None = None
         self.recordings: dict[tuple, Recording] = {}
-        self.seen: dict[tuple, int] = {}
+        self.eager_runs: dict[tuple, int] = {}
         self.pool = None
 
     def __getitem__(self, index: slice) -> list["GraphedLayers"]:
@@ -88,8 +93,9 @@ class GraphedLayers:
             return self.run(hidden_states, **kwargs)
         key = (hidden_states.shape[1], cu_seq_lens.numel(), max_length, hidden_states.requires_grad)
         if key not in self.recordings:
-            self.seen[key] = self.seen.get(key, 0) + 1
-            if self.seen[key] <= WARMUP_STEPS:
+            readies = self._readied_by(key)
+            if self.eager_runs.get(readies, 0) < WARMUP_STEPS:
+                self.eager_runs[readies] = self.eager_runs.get(readies, 0) + 1
                 with uncached_autocast(hidden_states.device):
                     return self.run(hidden_states, **kwargs)
             self.recordings[key] = self._record(hidden_states, kwargs)
@@ -109,6 +115,13 @@ class GraphedLayers:
             else:
                 parameter.grad.add_(gradient)
 
+    def _readied_by(self, key: tuple) -> tuple:
+        """The shapes that eager runs at ``key`` ready for recording: compiled layers compile for each shape; eager
+        ones only where Triton specialises its kernels, on whether an integer argument (the row length) divides by
+        16. So with rows padded to a multiple of 16 only the first length runs eagerly."""
+        length, _, _, asks_gradient = key
+        return key if self.compiled else (length % 16 == 0, asks_gradient)
+
     def _replayable(self, hidden_states, cu_seq_lens_q, max_length_q) -> bool:
         """A training step's packed row on a GPU: what the graphs were recorded for."""
         return (
@@ -122,7 +135,7 @@ class GraphedLayers:
         )
 
     def _record(self, hidden_states: torch.Tensor, kwargs: dict) -> Recording:
-        """Records the layers' forward and backward for this call's shapes (after WARMUP_STEPS eager steps), with the
+        """Records the layers' forward and backward for this call's shapes (after any eager runs), with the
         call's own arguments at fixed addresses."""
         if self.gradients is None:
             self.gradients = [torch.empty_like(parameter) for parameter in self.trainable]
@@ -130,14 +143,21 @@ class GraphedLayers:
         inputs, hidden, static_kwargs = static_call(hidden_states, kwargs)
         wants = self.trainable + ([hidden] if hidden.requires_grad else [])
         forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with uncached_autocast(hidden.device):
+        # Fused LoRA writes the adapters' gradients straight into the shared buffers; any others are copied there.
+        with uncached_autocast(hidden.device), gradients_into(self.trainable, self.gradients):
             torch.cuda.synchronize()
             with torch.cuda.graph(forward, pool=self.pool):
                 output = self.run(hidden, **static_kwargs)
             grad_output = torch.empty_like(output)
             with torch.cuda.graph(backward, pool=self.pool):
                 gradients = torch.autograd.grad(output, wants, grad_output)
-                torch._foreach_copy_(self.gradients, list(gradients[: len(self.trainable)]))
+                elsewhere = [
+                    (buffer, gradient)
+                    for buffer, gradient in zip(self.gradients, gradients, strict=False)
+                    if gradient.data_ptr() != buffer.data_ptr()
+                ]
+                if elsewhere:
+                    torch._foreach_copy_(*map(list, zip(*elsewhere, strict=True)))
             grad_input = gradients[-1] if hidden.requires_grad else None
         # Only the inputs, output and gradients stay: the saved activations are freed for the other lengths' graphs.
         return Recording(forward, backward, tuple(inputs), output.detach(), grad_output, grad_input)
@@ -188,15 +208,19 @@ def fixed_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def cuda_graph_layers(model: torch.nn.Module, active: bool = True) -> Iterator[None]:
-    """Within the block, ``model``'s decoder runs its layers through `GraphedLayers` (on a GPU; as before elsewhere)."""
+def cuda_graph_layers(
+    model: torch.nn.Module, active: bool = True, compiled: bool = False
+) -> Iterator[GraphedLayers | None]:
+    """Within the block, ``model``'s decoder runs its layers (``compiled``: torch.compiled ones) through
+    `GraphedLayers`, which the block yields (on a GPU; as before elsewhere). None where not ``active``."""
     if not active:
-        yield
+        yield None
         return
     decoder = decoder_of(model)
+    graphed = GraphedLayers(decoder._modules["layers"], compiled)
     # The instance attribute shadows the registered module for attribute lookup only: `_modules` keeps the layers.
-    object.__setattr__(decoder, "layers", GraphedLayers(decoder._modules["layers"]))
+    object.__setattr__(decoder, "layers", graphed)
     try:
-        yield
+        yield graphed
     finally:
         del decoder.__dict__["layers"]

@@ -5,8 +5,9 @@ an autograd node: under bf16 autocast ~8 kernels forward (dropout, two weight ca
 the sum) and ~10 backward per projection, 224 projections on Llama-3-8B. At 8 examples a step the GPU waits for the
 CPU to issue them. Here the scale rides on the cast of A (one kernel that scales and casts), B's product adds into
 the base output inside the matrix product (``addmm_``), and the adapters' weight gradients come out of the matrix
-product in fp32 (on CUDA, ``torch.mm(..., out_dtype=float32)``), so nothing is cast back: 6 kernels forward and 8
-backward with dropout, 5 and 6 without. The numbers are peft's up to rounding (tests/test_fused_lora.py).
+product in fp32, A's scaled as cuBLAS writes it (on CUDA, ``torch.addmm(..., out_dtype=float32, alpha=scale)``), so
+nothing is cast or scaled afterwards: 6 kernels forward and 7 backward with dropout, 5 and 5 without. The numbers are
+peft's up to rounding (tests/test_fused_lora.py).
 """
 
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from contextlib import contextmanager
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
+
+_gradients_into: dict[int, torch.Tensor] = {}  # id(adapter weight) -> its gradient's buffer (`gradients_into`)
 
 
 class FusedLoraProduct(torch.autograd.Function):
@@ -37,21 +40,23 @@ class FusedLoraProduct(torch.autograd.Function):
         output.view(-1, output.shape[-1]).addmm_(hidden, b.T)
         ctx.save_for_backward(weight, flat, mask, scaled_a, b, hidden)
         ctx.scale, ctx.dropout = scale, dropout
+        ctx.gradients_into = (_gradients_into.get(id(lora_a)), _gradients_into.get(id(lora_b)))
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
         weight, flat, mask, scaled_a, b, hidden = ctx.saved_tensors
+        into_a, into_b = ctx.gradients_into
         grad = grad_output.reshape(-1, grad_output.shape[-1]).to(b.dtype)
-        grad_b = _matmul_fp32(grad.T, hidden)
+        grad_b = _matmul_fp32(grad.T, hidden, into_b)
         grad_hidden = grad @ b  # (tokens, r), with respect to ``hidden``, which holds the scale once
-        grad_a = _matmul_fp32(grad_hidden.T, flat).mul_(ctx.scale)
+        grad_a = _matmul_fp32(grad_hidden.T, flat, into_a, ctx.scale)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad @ weight.to(b.dtype)
             if mask is None:
                 grad_x.addmm_(grad_hidden, scaled_a)
-            else:
+            else:  # (one addcmul_ with the bool mask ran unvectorised on an H100: 37 us a call against 11 + 9)
                 grad_dropped = grad_hidden @ scaled_a
                 grad_x += torch.ops.aten.native_dropout_backward(grad_dropped, mask, 1 / (1 - ctx.dropout))
             grad_x = grad_x.view(*grad_output.shape[:-1], flat.shape[-1])
@@ -59,14 +64,16 @@ class FusedLoraProduct(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
-def _matmul_fp32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``left @ right`` in fp32: accumulated and written in fp32 by cuBLAS for half-precision inputs on CUDA (no
-    rounding to bf16, no cast kernel); elsewhere the product in the inputs' dtype, cast (CPU has no such kernel)."""
-    if left.dtype == torch.float32:
-        return left @ right
-    if left.is_cuda:
-        return torch.mm(left, right, out_dtype=torch.float32)
-    return (left @ right).float()
+def _matmul_fp32(left: torch.Tensor, right: torch.Tensor, into: torch.Tensor | None = None, scale: float = 1.0):
+    """``scale * left @ right`` in fp32 (into ``into`` where given). On CUDA cuBLAS accumulates and writes it in
+    fp32 for half-precision inputs and applies the scale as it writes: no rounding to bf16, no cast or scaling
+    kernel. On a CPU, which has no such product, half-precision inputs multiply in their dtype, then cast."""
+    if left.dtype == torch.float32 or left.is_cuda:
+        out = into if into is not None else left.new_empty((left.shape[0], right.shape[1]), dtype=torch.float32)
+        fp32 = {} if left.dtype == torch.float32 else {"out_dtype": torch.float32}
+        return torch.addmm(out, left, right, beta=0, alpha=scale, out=out, **fp32)  # beta 0: ``out`` only written
+    product = (left @ right).float().mul_(scale)
+    return product if into is None else into.copy_(product)
 
 
 def _fused_forward(module: LoraLinear, peft_forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -124,3 +131,17 @@ def _bound(layer: LoraLinear):
         return _fused_forward(layer, peft_forward, x, *args, **kwargs)
 
     return forward
+
+
+@contextmanager
+def gradients_into(weights: list[torch.Tensor], buffers: list[torch.Tensor]) -> Iterator[None]:
+    """For the layers run forward within the block, FusedLoraProduct's backward writes each adapter weight's
+    gradient into its buffer (``buffers``, in the order of ``weights``) instead of a new tensor; autograd hands that
+    buffer on as the gradient. A CUDA graph's backward recorded so leaves the gradients where the optimiser reads
+    them, with no copy (train.cuda_graphs). Each layer must run once a step: a second backward would overwrite the
+    first's."""
+    _gradients_into.update({id(weight): buffer for weight, buffer in zip(weights, buffers, strict=True)})
+    try:
+        yield
+    finally:
+        _gradients_into.clear()

@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
@@ -20,7 +20,7 @@ from redistill.attention import packed_attention_available, use_packed_attention
 from redistill.callbacks import ExamplesSeenDVCLive, LossInProgressBar, StepClock
 from redistill.checkpoints import fingerprint, last_checkpoint
 from redistill.compiling import compile_decoder_layers
-from redistill.cuda_graphs import cuda_graph_layers
+from redistill.cuda_graphs import WARMUP_STEPS, GraphedLayers, cuda_graph_layers
 from redistill.errors import PipelineError
 from redistill.fused_lora import fused_lora
 from redistill.io import atomic_dir
@@ -46,6 +46,12 @@ class Speedups:
     # that step's work is queued: reading them at once leaves the GPU idle while the host prepares the next step
     # (+7% tokens/s on the `fast` preset; the same logs either way, tested).
     log_a_step_late: bool = True
+    # train.cuda_graphs: every row shape of the run recorded before its first step (RecordRowShapesAhead), not
+    # when the run first meets it; the same steps, with the CUDA generator's state put back. Off until measured.
+    record_rows_ahead: bool = False
+    # Gradient clipping through fused AdamW's gradient divisor instead of a pass that scales every gradient
+    # (StudentTrainer._clip_grad_norm); the same update up to rounding.
+    clip_in_optimizer: bool = True
 
 
 def check_hardware(params: TrainParams) -> bool:
@@ -275,8 +281,10 @@ def run(trainer, resume: str | None, params: TrainParams, env: Environment, spee
         with (
             disable_input_dtype_casting(trainer.model, active=env.bf16 and speedups.skip_input_casts),
             fused_lora(trainer.model, active=params.fused_lora),
-            cuda_graph_layers(trainer.model, active=params.cuda_graphs),
+            cuda_graph_layers(trainer.model, active=params.cuda_graphs, compiled=params.compile) as graphed,
         ):
+            if graphed is not None and env.cuda and speedups.record_rows_ahead:
+                trainer.add_callback(RecordRowShapesAhead(trainer, graphed))
             return trainer.train(resume_from_checkpoint=resume)
     except torch.OutOfMemoryError:
         raise PipelineError(
@@ -342,6 +350,7 @@ def train(
     trainer = build_trainer(model, config, examples, tokenizer, params, [clock, *callbacks, *loss_log])
     trainer.tokens_counted_on_host = speedups.no_host_waits
     trainer.logs_a_step_late = speedups.log_a_step_late and config.world_size == 1 and not env.fsdp  # plain tensors
+    trainer.clips_in_optimizer = speedups.clip_in_optimizer
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before FSDP flattens them
 
     started = time.monotonic()
@@ -462,6 +471,7 @@ class StudentTrainer(SFTTrainer):
 
     objective = Objective()
     tokens_counted_on_host = True  # Speedups.no_host_waits
+    clips_in_optimizer = False  # Speedups.clip_in_optimizer
     logs_a_step_late = False  # Speedups.log_a_step_late, where one process trains
     late_log: LateLog | None = None
 
@@ -531,6 +541,21 @@ class StudentTrainer(SFTTrainer):
         finally:
             state.global_step, state.epoch, state.num_input_tokens_seen = now
 
+    def _clip_grad_norm(self, model):
+        """The gradients' norm, clipped to max_grad_norm: by fused (Adam)AdamW as it reads them (one process, no
+        loss scaler), else by the trainer. clip_grad_norm_ multiplies every gradient by max_norm / (norm + 1e-6)
+        where that is below 1, a pass over the adapters' 2.7 GB of fp32 gradients on the 8B (~2 ms a step on an
+        H100); fused Adam divides them by its ``grad_scale`` in its own pass."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # within accelerate's wrapper
+        fused_adam = isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and optimizer.defaults.get("fused")
+        one_process = self.accelerator.num_processes == 1 and self.accelerator.scaler is None
+        if not (self.clips_in_optimizer and fused_adam and one_process):
+            return super()._clip_grad_norm(model)
+        gradients = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
+        norm = torch.nn.utils.get_total_norm(gradients)
+        optimizer.grad_scale = ((norm + 1e-6) / self.args.max_grad_norm).clamp(min=1.0)
+        return norm
+
     def _finalize_training(self, trial, num_train_samples, start_time):
         self.log_late_log()  # the last step's log, before the trainer adds up the loss
         return super()._finalize_training(trial, num_train_samples, start_time)
@@ -573,6 +598,61 @@ class StudentTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages the gradients over the processes
         return (loss, outputs) if return_outputs else loss
+
+
+class RecordRowShapesAhead(TrainerCallback):
+    """Before the run's first step, one training step (forward and backward, no optimiser step) of each row shape
+    the run will meet, so that the graphed layers (train.cuda_graphs) record every shape up front. Met mid-run, a
+    new shape costs its recording, and where one is needed an eager step, ~0.4-0.8 s on an 8B, among the steps
+    that the throughput after warm-up measures. The rows are the run's own, in its order: the length-grouped
+    sampler is seeded by epoch. The gradients are dropped and the CUDA generator's state put back: the run's steps
+    and dropout's draws are those it would have had."""
+
+    def __init__(self, trainer: "StudentTrainer", graphed: GraphedLayers) -> None:
+        self.trainer, self.graphed = trainer, graphed
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        trainer = self.trainer
+        sampler = trainer._get_train_sampler(train_dataloader.dataset)
+        if not isinstance(sampler, EpochSeededLengthGroupedSampler) or args.gradient_accumulation_steps != 1:
+            return  # a random order, or micro-batches: shapes are recorded as the run meets them
+        model = trainer.model_wrapped.train()
+        rows = one_batch_of_each_shape(sampler, train_dataloader, args.train_batch_size, state.max_steps)
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()]):  # dropout's draws: the run's own
+            for batch in rows:
+                inputs = trainer._prepare_inputs(batch)
+                recorded = len(self.graphed.recordings)
+                for _ in range(WARMUP_STEPS + 1):  # eager steps where the layers need them, then the recording
+                    self.forward_and_backward(model, inputs)
+                    model.zero_grad(set_to_none=True)  # as at a step's start
+                    if len(self.graphed.recordings) > recorded:
+                        break
+
+    def forward_and_backward(self, model, inputs: dict) -> None:
+        """A training step's forward and backward. Its loss, and with it the autograd graph, ends here: a later
+        recording that met this graph's gradient accumulators (made on the default stream) would make the default
+        stream wait on the recording's, which stops the recording (the first try on an H100)."""
+        trainer = self.trainer
+        with trainer.compute_loss_context_manager():
+            loss = trainer.compute_loss(model, inputs)
+        trainer.accelerator.backward(loss)
+
+
+def one_batch_of_each_shape(sampler, dataloader, batch_size: int, steps: int) -> list[dict]:
+    """The first batch of each shape (row length, examples in the row) among the first ``steps`` batches of
+    ``batch_size`` that ``dataloader`` would give with ``sampler`` over its epochs, collated by its own collator."""
+    dataset = dataloader.dataset
+    batches: dict[tuple, dict] = {}
+    for epoch in range(math.ceil(steps / math.ceil(len(dataset) / batch_size))):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for start in range(0, len(order), batch_size):
+            if steps == 0:
+                return list(batches.values())
+            steps -= 1
+            batch = dataloader.collate_fn([dataset[index] for index in order[start : start + batch_size]])
+            batches.setdefault((batch["input_ids"].shape[1], batch["cu_seq_lens_q"].numel()), batch)
+    return list(batches.values())
 
 
 class WithAnswerPositions:

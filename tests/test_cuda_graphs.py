@@ -6,6 +6,7 @@ import torch
 from safetensors import safe_open
 from test_packing import examples
 from test_training import tiny_train_params, train_tiny
+from transformers import TrainerCallback
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from redistill import attention
@@ -17,8 +18,12 @@ from redistill.cuda_graphs import (
     static_call,
     uncached_autocast,
 )
+from redistill.fused_lora import fused_lora
+from redistill.models import decoder_of
 from redistill.params import ParamError
 from redistill.row_padding import ROW_PADDING, PaddedRows
+from redistill.train_params import LoraParams
+from redistill.training import EpochSeededLengthGroupedSampler, Speedups, StudentTrainer, one_batch_of_each_shape
 
 
 @pytest.mark.parametrize(
@@ -112,8 +117,48 @@ def test_a_recording_calls_compiled_layers_as_the_eager_steps_did(tiny):
     assert not {tensor.data_ptr() for tensor in live} & {tensor.data_ptr() for tensor in inputs}
 
 
+def row_shape(batch: dict) -> tuple[int, int]:
+    return batch["input_ids"].shape[1], batch["cu_seq_lens_q"].numel()
+
+
+class ForeseenRows(TrainerCallback):
+    """The batches that `one_batch_of_each_shape` foresees at the run's start (as RecordRowShapesAhead does)."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict] = []
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        lengths = [len(ids) for ids in train_dataloader.dataset["input_ids"]]
+        sampler = EpochSeededLengthGroupedSampler(args.train_batch_size, lengths, args.seed)  # the trainer's own
+        self.batches = one_batch_of_each_shape(sampler, train_dataloader, args.train_batch_size, state.max_steps)
+
+
+@pytest.mark.parametrize("max_steps", [-1, 5])  # two whole epochs; stopped in the second
+def test_the_row_shapes_recorded_ahead_are_the_first_of_each_that_the_run_meets(
+    tiny_student, tmp_path, monkeypatch, max_steps
+):
+    foreseen, met = ForeseenRows(), []
+    training_step = StudentTrainer.training_step
+
+    def step(self, model, inputs, *args, **kwargs):
+        met.append(inputs)
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(StudentTrainer, "training_step", step)
+    params = tiny_train_params(packing=True, row_length_multiple=16, batch_size=3, epochs=2.0, max_steps=max_steps)
+    train_tiny(tiny_student, params, 10, tmp_path, callbacks=(foreseen,))
+    first_of_each: dict[tuple, dict] = {}
+    for batch in met:
+        first_of_each.setdefault(row_shape(batch), batch)
+    assert [row_shape(batch) for batch in foreseen.batches] == list(first_of_each)
+    assert len(first_of_each) >= 2  # rows of several lengths (and an epoch's last, short row)
+    for batch, first in zip(foreseen.batches, first_of_each.values(), strict=True):
+        assert torch.equal(batch["input_ids"], first["input_ids"].cpu())
+
+
 @pytest.mark.skipif(not attention.packed_attention_available(torch.bfloat16), reason="needs a CUDA GPU")
-def test_replayed_layers_give_eagers_loss_and_gradients_on_the_gpu(tiny_student):
+@pytest.mark.parametrize("fused", [False, True])  # fused LoRA writes the gradients into the graphs' buffers
+def test_replayed_layers_give_eagers_loss_and_gradients_on_the_gpu(tiny_student, monkeypatch, fused):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -137,13 +182,55 @@ def test_replayed_layers_give_eagers_loss_and_gradients_on_the_gpu(tiny_student)
         loss.backward()
         return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
-    eager = [step(row) for row in rows]
-    with cuda_graph_layers(model):
-        stand_in = model.get_base_model().get_decoder().layers
-        for _ in range(WARMUP_STEPS + 2):  # eager steps, then recorded, then replayed
-            replayed = [step(row) for row in rows]
-        assert len(stand_in.recordings) == 2
+    copies = []
+    foreach_copy = torch._foreach_copy_
+
+    def copy(buffers, gradients):
+        copies.append(len(buffers))
+        return foreach_copy(buffers, gradients)
+
+    monkeypatch.setattr(torch, "_foreach_copy_", copy)
+    with fused_lora(model, active=fused):
+        eager = [step(row) for row in rows]
+        with cuda_graph_layers(model) as stand_in:
+            for _ in range(WARMUP_STEPS + 2):  # eager steps at the first shape, recorded, then replayed
+                replayed = [step(row) for row in rows]
+            assert len(stand_in.recordings) == 2
+            assert sum(stand_in.eager_runs.values()) == WARMUP_STEPS  # the second shape recorded at first sight
+    # Fused LoRA's gradients are in the shared buffers already; peft's are copied there in each backward graph.
+    assert copies == ([] if fused else [len(stand_in.gradients)] * 2)
     for (loss, gradients), (eager_loss, eager_gradients) in zip(replayed, eager, strict=True):
         assert loss == pytest.approx(eager_loss, rel=1e-3)
         for gradient, eager_gradient in zip(gradients, eager_gradients, strict=True):
             torch.testing.assert_close(gradient, eager_gradient, rtol=2e-2, atol=1e-3)
+
+
+class Recordings(TrainerCallback):
+    """The count of recorded row shapes as each step begins, and each logged loss."""
+
+    def __init__(self) -> None:
+        self.counts, self.losses = [], []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.counts.append(len(decoder_of(model).layers.recordings))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.losses += [logs["loss"]] if "loss" in logs else []
+
+
+@pytest.mark.skipif(not attention.packed_attention_available(torch.bfloat16), reason="needs a CUDA GPU")
+def test_row_shapes_recorded_ahead_train_as_those_recorded_when_met_on_the_gpu(tiny_student, tmp_path):
+    lora = LoraParams(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
+    params = tiny_train_params(
+        packing=True, cuda_graphs=True, row_length_multiple=16, fused_lora=True, batch_size=3, epochs=2.0, lora=lora
+    )
+    runs = {}
+    for ahead in (False, True):
+        recordings = Recordings()
+        speedups = Speedups(record_rows_ahead=ahead)
+        train_tiny(tiny_student, params, 10, tmp_path / str(ahead), callbacks=(recordings,), speedups=speedups)
+        runs[ahead] = recordings
+    met, ahead = runs[False], runs[True]
+    assert len(set(ahead.counts)) == 1 and ahead.counts[0] == met.counts[-1] >= 2  # all before the first step
+    assert met.counts[0] == 0
+    assert ahead.losses == pytest.approx(met.losses, rel=1e-3)  # the same steps, the same dropout draws

@@ -100,3 +100,25 @@ def test_disabled_or_merged_adapters_and_the_end_of_the_block_fall_back_to_peft(
             torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
             model.unmerge_adapter()
     assert not any("forward" in vars(module) for module in model.modules())  # peft's forward is back
+
+
+def test_within_gradients_into_the_adapters_gradients_are_the_given_buffers(tiny_student):
+    """What a CUDA graph's backward relies on to leave the gradients where the optimiser reads them, uncopied."""
+    model = lora_model(tiny_student, torch.float32, 0.3)
+    weights = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    tokenizer, batch = examples()
+    inputs = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(batch)
+
+    def gradients(into: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        buffers = [torch.full_like(weight, float("nan")) for weight in weights] if into else []
+        torch.manual_seed(3)  # the same dropout draws
+        with fused.fused_lora(model), fused.gradients_into(weights if into else [], buffers):
+            loss = model(**inputs, use_cache=False).loss
+            return torch.autograd.grad(loss, weights), buffers
+
+    reference, _ = gradients(into=False)
+    got, buffers = gradients(into=True)
+    assert all(gradient is buffer for gradient, buffer in zip(got, buffers, strict=True))
+    for gradient, expected in zip(got, reference, strict=True):
+        torch.testing.assert_close(gradient, expected, rtol=1e-6, atol=1e-9)
+    assert not fused._gradients_into  # only within the block

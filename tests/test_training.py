@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import ROOT, labeled_rows, write_jsonl
 from tiny_model import build_model, build_tokenizer
@@ -430,3 +431,37 @@ def test_logging_a_step_late_logs_what_the_trainer_logs_then(tiny_student, tmp_p
     # Logged a step late, except where the next step's log waits anyway: at an epoch's end, a checkpoint or the end.
     assert sum(ended == step + 1 for step, ended in steps_logged) >= len(steps_logged) // 2
     assert all(ended == step for step, ended, _ in at_once.logs if "loss" in _)
+
+
+class GradScales(TrainerCallback):
+    """The divisor that fused AdamW read its gradients with at each optimiser step (None: none)."""
+
+    def __init__(self) -> None:
+        self.scales = []
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.scales.append(getattr(optimizer.optimizer, "grad_scale", None))
+
+
+def test_clipping_inside_fused_adamw_trains_as_the_trainers_clipping(tiny_student, tmp_path):
+    """Speedups.clip_in_optimizer: the same gradient norms logged, the same losses and adapter, up to rounding;
+    and the clipping bites (a run without it ends elsewhere)."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, clip, inside in (("trainer", 0.05, False), ("optimizer", 0.05, True), ("none", 1e9, True)):
+        params = tiny_train_params(optim="adamw_torch_fused", max_grad_norm=clip, max_steps=4, learning_rate=5e-2)
+        times, scales, out = LogTimes(), GradScales(), tmp_path / name
+        speedups = Speedups(clip_in_optimizer=inside)
+        train_tiny(tiny_student, params, 10, out, callbacks=(times, scales), speedups=speedups)
+        logs = [logs for _, _, logs in times.logs if "loss" in logs]
+        runs[name] = (logs, scales.scales, load_file(out / "adapter" / "adapter_model.safetensors"))
+    (trainer_logs, trainer_scales, trainer_adapter), (logs, scales, adapter) = runs["trainer"], runs["optimizer"]
+    assert trainer_scales == [None] * 4 and all(scale > 1 for scale in scales)  # each step clipped, in AdamW
+    for ours, theirs in zip(logs, trainer_logs, strict=True):
+        assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+    for name, weight in trainer_adapter.items():
+        torch.testing.assert_close(adapter[name], weight, rtol=1e-4, atol=1e-6)
+    unclipped = runs["none"][2]
+    assert max((unclipped[name] - weight).abs().max() for name, weight in adapter.items()) > 1e-3
