@@ -3,10 +3,12 @@
 `train()` reads top to bottom through its phases: the environment (device, precision), the examples, the model,
 the trainer's config, the trainer, the run, saving the adapter, and the metrics; each phase is a function here."""
 
+import itertools
 import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -639,20 +641,25 @@ class RecordRowShapesAhead(TrainerCallback):
 
 
 def one_batch_of_each_shape(sampler, dataloader, batch_size: int, steps: int) -> list[dict]:
-    """The first batch of each shape (row length, examples in the row) among the first ``steps`` batches of
-    ``batch_size`` that ``dataloader`` would give with ``sampler`` over its epochs, collated by its own collator."""
-    dataset = dataloader.dataset
+    """The first batch of each `row_shape` among the first ``steps`` batches of ``batch_size`` that ``dataloader``
+    would give with ``sampler`` over its epochs, collated by its own collator."""
+
+    def batches_of_indices() -> Iterator[list[int]]:
+        for epoch in itertools.count():
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            yield from (order[start : start + batch_size] for start in range(0, len(order), batch_size))
+
     batches: dict[tuple, dict] = {}
-    for epoch in range(math.ceil(steps / math.ceil(len(dataset) / batch_size))):
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        for start in range(0, len(order), batch_size):
-            if steps == 0:
-                return list(batches.values())
-            steps -= 1
-            batch = dataloader.collate_fn([dataset[index] for index in order[start : start + batch_size]])
-            batches.setdefault((batch["input_ids"].shape[1], batch["cu_seq_lens_q"].numel()), batch)
+    for indices in itertools.islice(batches_of_indices(), steps):
+        batch = dataloader.collate_fn([dataloader.dataset[index] for index in indices])
+        batches.setdefault(row_shape(batch), batch)
     return list(batches.values())
+
+
+def row_shape(batch: dict) -> tuple[int, int]:
+    """A packed row's shape as the graphed layers record it: its length and its count of example boundaries."""
+    return batch["input_ids"].shape[1], batch["cu_seq_lens_q"].numel()
 
 
 class WithAnswerPositions:

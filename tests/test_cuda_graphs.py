@@ -23,7 +23,13 @@ from redistill.models import decoder_of
 from redistill.params import ParamError
 from redistill.row_padding import ROW_PADDING, PaddedRows
 from redistill.train_params import LoraParams
-from redistill.training import EpochSeededLengthGroupedSampler, Speedups, StudentTrainer, one_batch_of_each_shape
+from redistill.training import (
+    EpochSeededLengthGroupedSampler,
+    Speedups,
+    StudentTrainer,
+    one_batch_of_each_shape,
+    row_shape,
+)
 
 
 @pytest.mark.parametrize(
@@ -115,10 +121,6 @@ def test_a_recording_calls_compiled_layers_as_the_eager_steps_did(tiny):
     live = call_tensors(hidden, kwargs)
     assert [tensor.shape for tensor in live] == [tensor.shape for tensor in inputs]
     assert not {tensor.data_ptr() for tensor in live} & {tensor.data_ptr() for tensor in inputs}
-
-
-def row_shape(batch: dict) -> tuple[int, int]:
-    return batch["input_ids"].shape[1], batch["cu_seq_lens_q"].numel()
 
 
 class ForeseenRows(TrainerCallback):
