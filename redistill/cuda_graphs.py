@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from redistill.fused_lora import gradients_into
+from redistill.fused_lora import casts_once, gradients_into
 from redistill.models import decoder_of
 
 # Eager runs before a recording, where one is needed: cuBLAS, flash attention and Triton's kernels set up and compile
@@ -72,11 +72,13 @@ class GraphedLayers:
     callable that runs every layer. The layers stay registered where they were, so parameter names, the state dict and
     the saved adapter are unchanged."""
 
-    def __init__(self, layers: torch.nn.ModuleList, compiled: bool = False) -> None:
+    def __init__(self, layers: torch.nn.ModuleList, compiled: bool = False, casts_once: bool = False) -> None:
         self.layers = layers
         self.compiled = compiled
+        self.casts_once = casts_once
         self.trainable = [parameter for parameter in layers.parameters() if parameter.requires_grad]
         self.gradients: list[torch.Tensor] | None = None
+        self.casts: list[torch.Tensor] = []  # the trainable weights in the compute dtype (casts_once)
         self.recordings: dict[tuple, Recording] = {}
         self.eager_runs: dict[tuple, int] = {}
         self.pool = None
@@ -137,16 +139,28 @@ class GraphedLayers:
     def _record(self, hidden_states: torch.Tensor, kwargs: dict) -> Recording:
         """Records the layers' forward and backward for this call's shapes (after any eager runs), with the
         call's own arguments at fixed addresses."""
+        device = hidden_states.device
         if self.gradients is None:
             self.gradients = [torch.empty_like(parameter) for parameter in self.trainable]
             self.pool = torch.cuda.graph_pool_handle()
+            if self.casts_once and torch.is_autocast_enabled(device.type):
+                dtype = torch.get_autocast_dtype(device.type)
+                self.casts = [torch.empty_like(parameter, dtype=dtype) for parameter in self.trainable]
         inputs, hidden, static_kwargs = static_call(hidden_states, kwargs)
         wants = self.trainable + ([hidden] if hidden.requires_grad else [])
         forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        # Fused LoRA writes the adapters' gradients straight into the shared buffers; any others are copied there.
-        with uncached_autocast(hidden.device), gradients_into(self.trainable, self.gradients):
+        # Fused LoRA writes the adapters' gradients straight into the shared buffers (any others are copied there)
+        # and, with casts_once, reads the adapter weights cast at the forward's start, after the optimiser's step.
+        casts = self.trainable if self.casts else []
+        with (
+            uncached_autocast(device),
+            gradients_into(self.trainable, self.gradients),
+            casts_once(casts, self.casts),
+        ):
             torch.cuda.synchronize()
             with torch.cuda.graph(forward, pool=self.pool):
+                if self.casts:
+                    torch._foreach_copy_(self.casts, self.trainable)
                 output = self.run(hidden, **static_kwargs)
             grad_output = torch.empty_like(output)
             with torch.cuda.graph(backward, pool=self.pool):
@@ -209,15 +223,17 @@ def fixed_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def cuda_graph_layers(
-    model: torch.nn.Module, active: bool = True, compiled: bool = False
+    model: torch.nn.Module, active: bool = True, compiled: bool = False, casts_once: bool = False
 ) -> Iterator[GraphedLayers | None]:
     """Within the block, ``model``'s decoder runs its layers (``compiled``: torch.compiled ones) through
-    `GraphedLayers`, which the block yields (on a GPU; as before elsewhere). None where not ``active``."""
+    `GraphedLayers`, which the block yields (on a GPU; as before elsewhere). None where not ``active``. With
+    ``casts_once`` (for fused LoRA) each forward graph casts all the adapter weights to the compute dtype at its
+    start, for FusedLoraProduct to read (fused_lora.casts_once)."""
     if not active:
         yield None
         return
     decoder = decoder_of(model)
-    graphed = GraphedLayers(decoder._modules["layers"], compiled)
+    graphed = GraphedLayers(decoder._modules["layers"], compiled, casts_once)
     # The instance attribute shadows the registered module for attribute lookup only: `_modules` keeps the layers.
     object.__setattr__(decoder, "layers", graphed)
     try:

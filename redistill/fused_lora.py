@@ -3,13 +3,16 @@
 peft computes ``base(x) + B(A(dropout(x))) * scale`` as separate modules and operations, each a kernel launch and
 an autograd node: under bf16 autocast ~8 kernels forward (dropout, two weight casts, three products, the scaling,
 the sum) and ~10 backward per projection, 224 projections on Llama-3-8B. At 8 examples a step the GPU waits for the
-CPU to issue them. Here the scale rides on the cast of A (one kernel that scales and casts), B's product adds into
-the base output inside the matrix product (``addmm_``), and the adapters' weight gradients come out of the matrix
-product in fp32, A's scaled as cuBLAS writes it (on CUDA, ``torch.addmm(..., out_dtype=float32, alpha=scale)``), so
-nothing is cast or scaled afterwards: 6 kernels forward and 7 backward with dropout, 5 and 5 without. The numbers are
-peft's up to rounding (tests/test_fused_lora.py).
+CPU to issue them. Here the scale rides on the matrix products (cuBLAS's ``alpha``), B's product adds into the
+base output inside the matrix product (``addmm_``), and the adapters' weight gradients come out of the matrix product
+in fp32, scaled as cuBLAS writes them (on CUDA, ``torch.addmm(..., out_dtype=float32, alpha=scale)``), so nothing is
+cast or scaled afterwards: 6 kernels forward and 7 backward with dropout, 5 and 5 without. Where the CUDA graphs
+cast every adapter weight at once (`casts_once`) the forward's two casts go; with the backward through dropout as
+one Triton kernel (redistill/fused_lora_kernel.py), 5 backward. The numbers are peft's up to rounding
+(tests/test_fused_lora.py).
 """
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,6 +20,7 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 _gradients_into: dict[int, torch.Tensor] = {}  # id(adapter weight) -> its gradient's buffer (`gradients_into`)
+_casts: dict[int, torch.Tensor] = {}  # id(adapter weight) -> its copy in the compute dtype (`casts_once`)
 
 
 class FusedLoraProduct(torch.autograd.Function):
@@ -24,44 +28,63 @@ class FusedLoraProduct(torch.autograd.Function):
     and ``lora_b`` only (the base ``weight`` and ``bias`` are frozen)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, dropout: float, dtype: torch.dtype):
+    def forward(
+        ctx, x, weight, bias, lora_a, lora_b, scale: float, dropout: float, dtype: torch.dtype, kernel: bool = False
+    ):
         x = x.to(dtype)
         if dropout:
             dropped, mask = torch.native_dropout(x, dropout, True)  # the draws and values of peft's nn.Dropout
         else:
             dropped, mask = x, None
-        scaled_a = torch.empty(lora_a.shape, dtype=dtype, device=lora_a.device)
-        torch.mul(lora_a, scale, out=scaled_a)  # scaled and cast in one kernel
-        b = lora_b.to(dtype)
+        a, b = _cast(lora_a, dtype), _cast(lora_b, dtype)
         flat = dropped.reshape(-1, dropped.shape[-1])
         mask = None if mask is None else mask.reshape(flat.shape)
-        hidden = flat @ scaled_a.T  # (tokens, r): the scale is in it, and so in B's gradient
+        hidden = flat @ a.T  # (tokens, r)
         output = torch.nn.functional.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
-        output.view(-1, output.shape[-1]).addmm_(hidden, b.T)
-        ctx.save_for_backward(weight, flat, mask, scaled_a, b, hidden)
-        ctx.scale, ctx.dropout = scale, dropout
+        output.view(-1, output.shape[-1]).addmm_(hidden, b.T, alpha=scale)
+        ctx.save_for_backward(weight, flat, mask, a, b, hidden)
+        ctx.scale, ctx.dropout, ctx.kernel = scale, dropout, kernel
         ctx.gradients_into = (_gradients_into.get(id(lora_a)), _gradients_into.get(id(lora_b)))
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        weight, flat, mask, scaled_a, b, hidden = ctx.saved_tensors
+        weight, flat, mask, a, b, hidden = ctx.saved_tensors
         into_a, into_b = ctx.gradients_into
         grad = grad_output.reshape(-1, grad_output.shape[-1]).to(b.dtype)
-        grad_b = _matmul_fp32(grad.T, hidden, into_b)
-        grad_hidden = grad @ b  # (tokens, r), with respect to ``hidden``, which holds the scale once
+        grad_b = _matmul_fp32(grad.T, hidden, into_b, ctx.scale)
+        grad_hidden = grad @ b  # (tokens, r): ``hidden``'s gradient over the scale
         grad_a = _matmul_fp32(grad_hidden.T, flat, into_a, ctx.scale)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad @ weight.to(b.dtype)
             if mask is None:
-                grad_x.addmm_(grad_hidden, scaled_a)
-            else:  # (one addcmul_ with the bool mask ran unvectorised on an H100: 37 us a call against 11 + 9)
-                grad_dropped = grad_hidden @ scaled_a
-                grad_x += torch.ops.aten.native_dropout_backward(grad_dropped, mask, 1 / (1 - ctx.dropout))
+                grad_x.addmm_(grad_hidden, a, alpha=ctx.scale)
+            else:
+                _add_through_dropout(grad_x, grad_hidden, a, mask, ctx.scale / (1 - ctx.dropout), ctx.kernel)
             grad_x = grad_x.view(*grad_output.shape[:-1], flat.shape[-1])
         # (autograd casts each gradient to its input's dtype: the fp32 adapter weights take these as they are)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+
+
+def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in ``dtype``: its copy made within `casts_once` where there is one, else a cast."""
+    copy = _casts.get(id(weight))
+    return copy if copy is not None and copy.dtype == dtype else weight.to(dtype)
+
+
+def _add_through_dropout(into, grad_hidden, a, mask, scale: float, kernel: bool) -> None:
+    """``into += scale * mask * (grad_hidden @ a)``: the input's gradient through the adapter and dropout.
+    With ``kernel``, on a GPU (or under Triton's interpreter), one Triton kernel (redistill/fused_lora_kernel.py);
+    else a product, dropout's backward and an addition. (One ``addcmul_`` with the bool mask instead of the last two
+    ran unvectorised on an H100: 37 us a call against 11 + 9.)"""
+    if kernel and (into.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        from redistill.fused_lora_kernel import add_masked_product, fits
+
+        if fits(grad_hidden):
+            add_masked_product(into, grad_hidden, a, mask, scale)
+            return
+    into += torch.ops.aten.native_dropout_backward(grad_hidden @ a, mask, scale)
 
 
 def _matmul_fp32(left: torch.Tensor, right: torch.Tensor, into: torch.Tensor | None = None, scale: float = 1.0):
@@ -76,7 +99,7 @@ def _matmul_fp32(left: torch.Tensor, right: torch.Tensor, into: torch.Tensor | N
     return product if into is None else into.copy_(product)
 
 
-def _fused_forward(module: LoraLinear, peft_forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _fused_forward(module: LoraLinear, peft_forward, kernel: bool, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``module``'s forward through FusedLoraProduct where it is plain LoRA on a plain linear layer with one active
     adapter; peft's own forward for anything else (adapters disabled or merged, mixed batches, DoRA and other
     variants, LoRA biases)."""
@@ -101,14 +124,15 @@ def _fused_forward(module: LoraLinear, peft_forward, x: torch.Tensor, *args, **k
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     base = module.base_layer
     return FusedLoraProduct.apply(
-        x, base.weight, base.bias, lora_a.weight, lora_b.weight, module.scaling[name], rate, dtype
+        x, base.weight, base.bias, lora_a.weight, lora_b.weight, module.scaling[name], rate, dtype, kernel
     )
 
 
 @contextmanager
-def fused_lora(model: torch.nn.Module, active: bool = True) -> Iterator[int]:
+def fused_lora(model: torch.nn.Module, active: bool = True, dropout_kernel: bool = False) -> Iterator[int]:
     """Within the block, every peft LoRA linear layer of ``model`` on a plain ``nn.Linear`` computes through
-    FusedLoraProduct; peft's forward is back afterwards. Yields how many layers were switched (0 if not ``active``)."""
+    FusedLoraProduct (``dropout_kernel``: its backward through dropout in one Triton kernel where it can); peft's
+    forward is back afterwards. Yields how many layers were switched (0 if not ``active``)."""
     layers = [
         module
         for module in model.modules()
@@ -116,7 +140,7 @@ def fused_lora(model: torch.nn.Module, active: bool = True) -> Iterator[int]:
     ]
     for layer in layers:
         # An instance attribute shadows the class's forward; nn.Module.__call__ looks it up on the instance.
-        layer.forward = _bound(layer)
+        layer.forward = _bound(layer, dropout_kernel)
     try:
         yield len(layers)
     finally:
@@ -124,11 +148,11 @@ def fused_lora(model: torch.nn.Module, active: bool = True) -> Iterator[int]:
             del layer.forward
 
 
-def _bound(layer: LoraLinear):
+def _bound(layer: LoraLinear, dropout_kernel: bool):
     peft_forward = type(layer).forward.__get__(layer)
 
     def forward(x, *args, **kwargs):
-        return _fused_forward(layer, peft_forward, x, *args, **kwargs)
+        return _fused_forward(layer, peft_forward, dropout_kernel, x, *args, **kwargs)
 
     return forward
 
@@ -145,3 +169,16 @@ def gradients_into(weights: list[torch.Tensor], buffers: list[torch.Tensor]) -> 
         yield
     finally:
         _gradients_into.clear()
+
+
+@contextmanager
+def casts_once(weights: list[torch.Tensor], copies: list[torch.Tensor]) -> Iterator[None]:
+    """For the layers run forward within the block, FusedLoraProduct reads each adapter weight from its copy in the
+    compute dtype (``copies``, in the order of ``weights``) instead of casting it; the caller keeps the copies
+    current. A CUDA graph that refreshes them with one ``torch._foreach_copy_`` before its layers casts every adapter
+    weight in a few kernels instead of two small ones per projection (train.cuda_graphs)."""
+    _casts.update({id(weight): copy for weight, copy in zip(weights, copies, strict=True)})
+    try:
+        yield
+    finally:
+        _casts.clear()

@@ -49,11 +49,21 @@ class Speedups:
     # (+7% tokens/s on the `fast` preset; the same logs either way, tested).
     log_a_step_late: bool = True
     # train.cuda_graphs: every row shape of the run recorded before its first step (RecordRowShapesAhead), not
-    # when the run first meets it; the same steps, with the CUDA generator's state put back. Off until measured.
-    record_rows_ahead: bool = False
+    # when the run first meets it; the same steps, with the CUDA generator's state put back (+8% tokens/s after
+    # warm-up on `fast`, the same loss to every digit: BENCHMARKS.md).
+    record_rows_ahead: bool = True
     # Gradient clipping through fused AdamW's gradient divisor instead of a pass that scales every gradient
     # (StudentTrainer._clip_grad_norm); the same update up to rounding.
     clip_in_optimizer: bool = True
+    # No checkpoint after the last step (SkipCheckpointAtEnd): save_adapter writes the adapter right after it and
+    # drops the checkpoints, so it is never read; under `fast` an 8B's is 8 GB, ~10 s.
+    no_checkpoint_at_end: bool = True
+    # train.fused_lora: the backward through LoRA's dropout (a product, dropout's backward, an addition: memory-bound
+    # passes over the input's gradient) as one Triton kernel; the same gradients, rounded once. Off until measured.
+    dropout_kernel: bool = False
+    # train.cuda_graphs with train.fused_lora: each forward graph casts all the adapter weights to bf16 in a few
+    # kernels (torch._foreach_copy_) at its start, instead of two small casts per projection. Off until measured.
+    casts_once: bool = False
 
 
 def check_hardware(params: TrainParams) -> bool:
@@ -282,8 +292,13 @@ def run(trainer, resume: str | None, params: TrainParams, env: Environment, spee
         # projection, forward and backward, and changes no number (tested): 5-15% faster steps (BENCHMARKS.md).
         with (
             disable_input_dtype_casting(trainer.model, active=env.bf16 and speedups.skip_input_casts),
-            fused_lora(trainer.model, active=params.fused_lora),
-            cuda_graph_layers(trainer.model, active=params.cuda_graphs, compiled=params.compile) as graphed,
+            fused_lora(trainer.model, active=params.fused_lora, dropout_kernel=speedups.dropout_kernel),
+            cuda_graph_layers(
+                trainer.model,
+                active=params.cuda_graphs,
+                compiled=params.compile,
+                casts_once=params.fused_lora and speedups.casts_once,
+            ) as graphed,
         ):
             if graphed is not None and env.cuda and speedups.record_rows_ahead:
                 trainer.add_callback(RecordRowShapesAhead(trainer, graphed))
@@ -349,7 +364,8 @@ def train(
         resume = last_checkpoint(checkpoints, run_id, tidy=config.process_index == 0)
     clock = StepClock()
     loss_log = loss_log_callbacks(config, log_dir, resume is not None, len(examples.train))
-    trainer = build_trainer(model, config, examples, tokenizer, params, [clock, *callbacks, *loss_log])
+    at_end = [SkipCheckpointAtEnd()] if speedups.no_checkpoint_at_end else []
+    trainer = build_trainer(model, config, examples, tokenizer, params, [clock, *callbacks, *loss_log, *at_end])
     trainer.tokens_counted_on_host = speedups.no_host_waits
     trainer.logs_a_step_late = speedups.log_a_step_late and config.world_size == 1 and not env.fsdp  # plain tensors
     trainer.clips_in_optimizer = speedups.clip_in_optimizer
@@ -600,6 +616,14 @@ class StudentTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages the gradients over the processes
         return (loss, outputs) if return_outputs else loss
+
+
+class SkipCheckpointAtEnd(TrainerCallback):
+    """Cancels the checkpoint that the trainer writes after its last step: save_adapter follows at once."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = False
 
 
 class RecordRowShapesAhead(TrainerCallback):

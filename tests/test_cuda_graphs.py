@@ -159,8 +159,9 @@ def test_the_row_shapes_recorded_ahead_are_the_first_of_each_that_the_run_meets(
 
 
 @pytest.mark.skipif(not attention.packed_attention_available(torch.bfloat16), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("fused", [False, True])  # fused LoRA writes the gradients into the graphs' buffers
-def test_replayed_layers_give_eagers_loss_and_gradients_on_the_gpu(tiny_student, monkeypatch, fused):
+# Fused LoRA writes the gradients into the graphs' buffers; with casts_once, reads the weights the graph cast.
+@pytest.mark.parametrize(("fused", "casts"), [(False, False), (True, False), (True, True)])
+def test_replayed_layers_give_eagers_loss_and_gradients_on_the_gpu(tiny_student, monkeypatch, fused, casts):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -192,19 +193,28 @@ def test_replayed_layers_give_eagers_loss_and_gradients_on_the_gpu(tiny_student,
         return foreach_copy(buffers, gradients)
 
     monkeypatch.setattr(torch, "_foreach_copy_", copy)
+    weights = [parameter for parameter in model.parameters() if parameter.requires_grad]
     with fused_lora(model, active=fused):
         eager = [step(row) for row in rows]
-        with cuda_graph_layers(model) as stand_in:
+        with cuda_graph_layers(model, casts_once=casts) as stand_in:
             for _ in range(WARMUP_STEPS + 2):  # eager steps at the first shape, recorded, then replayed
                 replayed = [step(row) for row in rows]
             assert len(stand_in.recordings) == 2
             assert sum(stand_in.eager_runs.values()) == WARMUP_STEPS  # the second shape recorded at first sight
-    # Fused LoRA's gradients are in the shared buffers already; peft's are copied there in each backward graph.
-    assert copies == ([] if fused else [len(stand_in.gradients)] * 2)
-    for (loss, gradients), (eager_loss, eager_gradients) in zip(replayed, eager, strict=True):
+            with torch.no_grad():  # as an optimiser step does: the replays must follow the weights
+                for weight in weights:
+                    weight.add_(torch.randn_like(weight), alpha=0.05)
+            replayed_after = [step(row) for row in rows]
+        eager_after = [step(row) for row in rows]
+    # Fused LoRA's gradients are in the shared buffers already; peft's are copied there in each backward graph;
+    # with casts_once each forward graph casts the weights into their copies.
+    assert copies == ([len(weights)] * 2 if casts else [] if fused else [len(stand_in.gradients)] * 2)
+    pairs = zip(replayed + replayed_after, eager + eager_after, strict=True)
+    for (loss, gradients), (eager_loss, eager_gradients) in pairs:
         assert loss == pytest.approx(eager_loss, rel=1e-3)
         for gradient, eager_gradient in zip(gradients, eager_gradients, strict=True):
             torch.testing.assert_close(gradient, eager_gradient, rtol=2e-2, atol=1e-3)
+    assert eager_after[0][0] != pytest.approx(eager[0][0], rel=1e-4)  # the update changed the loss
 
 
 class Recordings(TrainerCallback):

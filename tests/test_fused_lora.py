@@ -64,12 +64,12 @@ def test_a_wrong_scale_or_dropout_factor_is_caught(tiny_student, monkeypatch, wr
     peft_result = loss_and_gradients(model, fused_on=False)
     apply = fused.FusedLoraProduct.apply
 
-    def off(x, weight, bias, lora_a, lora_b, scale, dropout, dtype):
+    def off(x, weight, bias, lora_a, lora_b, scale, dropout, dtype, kernel):
         if wrong == "scale":
             scale *= 1.01
         else:
             x = x * 1.01  # as if dropout scaled its kept inputs by 1.01 / (1 - p)
-        return apply(x, weight, bias, lora_a, lora_b, scale, dropout, dtype)
+        return apply(x, weight, bias, lora_a, lora_b, scale, dropout, dtype, kernel)
 
     monkeypatch.setattr(fused.FusedLoraProduct, "apply", off)
     assert error(loss_and_gradients(model, fused_on=True), peft_result) > 1e-4
@@ -122,3 +122,26 @@ def test_within_gradients_into_the_adapters_gradients_are_the_given_buffers(tiny
     for gradient, expected in zip(got, reference, strict=True):
         torch.testing.assert_close(gradient, expected, rtol=1e-6, atol=1e-9)
     assert not fused._gradients_into  # only within the block
+
+
+def test_within_casts_once_the_adapter_weights_are_read_from_their_copies(tiny_student):
+    """What a CUDA graph that casts every adapter weight at its start relies on (train.cuda_graphs, casts_once)."""
+    model = lora_model(tiny_student, torch.float32, 0.0)
+    weights = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    with torch.no_grad():
+        for weight in weights:
+            weight.normal_(0, 0.05)  # B starts at zero: the adapters must change the loss
+    tokenizer, batch = examples()
+    inputs = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(batch)
+
+    def loss(copies: list[torch.Tensor] | None) -> torch.Tensor:
+        with fused.fused_lora(model), fused.casts_once(weights if copies else [], copies or []), torch.no_grad():
+            return model(**inputs, use_cache=False).loss
+
+    cast = loss(None)
+    assert loss([weight.detach().clone() for weight in weights]) == cast
+    without_adapters = loss([torch.zeros_like(weight) for weight in weights])
+    with model.disable_adapter(), torch.no_grad():
+        assert without_adapters == pytest.approx(model(**inputs, use_cache=False).loss.item(), rel=1e-6)
+    assert abs(without_adapters - cast) > 1e-3
+    assert not fused._casts  # only within the block

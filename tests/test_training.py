@@ -465,3 +465,25 @@ def test_clipping_inside_fused_adamw_trains_as_the_trainers_clipping(tiny_studen
         torch.testing.assert_close(adapter[name], weight, rtol=1e-4, atol=1e-6)
     unclipped = runs["none"][2]
     assert max((unclipped[name] - weight).abs().max() for name, weight in adapter.items()) > 1e-3
+
+
+class Saves(TrainerCallback):
+    """The steps at which the trainer wrote a checkpoint."""
+
+    def __init__(self) -> None:
+        self.steps = []
+
+    def on_save(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_no_checkpoint_is_written_after_the_last_step(tiny_student, tmp_path, skip):
+    """Speedups.no_checkpoint_at_end: the interval's checkpoints as before, none after the last step (save_adapter
+    writes the adapter next)."""
+    saves = Saves()
+    params = tiny_train_params(max_steps=5, save_steps=2)
+    speedups = Speedups(no_checkpoint_at_end=skip)
+    train_tiny(tiny_student, params, 10, tmp_path, callbacks=(saves,), speedups=speedups)
+    assert saves.steps == ([2, 4] if skip else [2, 4, 5])
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() and not (tmp_path / "checkpoints").exists()
