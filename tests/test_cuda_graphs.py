@@ -49,14 +49,14 @@ def test_cuda_graphs_refuse_the_settings_they_cannot_work_with(changes, message)
 def test_the_fast_presets_graphs_give_way_to_the_settings_they_cannot_run_with():
     from_preset = {"preset": "fast", "cuda_graphs": None, "row_length_multiple": None, "fused_lora": None}
     fast = tiny_train_params(**from_preset, packing=True)
-    assert (fast.cuda_graphs, fast.row_length_multiple, fast.fused_lora) == (True, 128, True)
+    assert (fast.cuda_graphs, fast.row_length_multiple, fast.fused_lora) == (True, 64, True)
     fast.validate()
     for changes in ({"grad_accum": 2}, {"num_processes": 2}, {"quantization": "nf4"}, {"packing": False}):
         params = tiny_train_params(**{**from_preset, "packing": True, **changes})
         assert (params.cuda_graphs, params.row_length_multiple, params.fused_lora) == (False, 0, True), changes
         params.validate()  # no error: the preset's speed-up is off, nothing the user set is refused
     explicit = tiny_train_params(**{**from_preset, "packing": True, "grad_accum": 2, "cuda_graphs": True})
-    assert (explicit.cuda_graphs, explicit.row_length_multiple) == (True, 128)  # the user's own setting is checked
+    assert (explicit.cuda_graphs, explicit.row_length_multiple) == (True, 64)  # the user's own setting is checked
     with pytest.raises(ParamError, match=r"train\.cuda_graphs needs train\.grad_accum: 1"):
         explicit.validate()
 
