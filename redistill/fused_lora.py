@@ -12,6 +12,7 @@ one Triton kernel (redistill/fused_lora_kernel.py), 5 backward. The numbers are 
 (tests/test_fused_lora.py).
 """
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 
 _gradients_into: dict[int, torch.Tensor] = {}  # id(adapter weight) -> its gradient's buffer (`gradients_into`)
 _casts: dict[int, torch.Tensor] = {}  # id(adapter weight) -> its copy in the compute dtype (`casts_once`)
+_TRITON = importlib.util.find_spec("triton") is not None  # PyTorch's CUDA builds bring it
 
 
 class FusedLoraProduct(torch.autograd.Function):
@@ -78,7 +80,7 @@ def _add_through_dropout(into, grad_hidden, a, mask, scale: float, kernel: bool)
     With ``kernel``, on a GPU (or under Triton's interpreter), one Triton kernel (redistill/fused_lora_kernel.py);
     else a product, dropout's backward and an addition. (One ``addcmul_`` with the bool mask instead of the last two
     ran unvectorised on an H100: 37 us a call against 11 + 9.)"""
-    if kernel and (into.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if kernel and _TRITON and (into.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         from redistill.fused_lora_kernel import add_masked_product, fits
 
         if fits(grad_hidden):

@@ -292,12 +292,17 @@ def run(trainer, resume: str | None, params: TrainParams, env: Environment, spee
         # projection, forward and backward, and changes no number (tested): 5-15% faster steps (BENCHMARKS.md).
         with (
             disable_input_dtype_casting(trainer.model, active=env.bf16 and speedups.skip_input_casts),
-            fused_lora(trainer.model, active=params.fused_lora, dropout_kernel=speedups.dropout_kernel),
+            # Compiled layers (train.compile) keep fused LoRA as it was last run with them (sixth session): dynamo
+            # has not traced the kernel, and would guard on the casts' table, which a recording fills (compiling
+            # again inside the recording).
+            fused_lora(
+                trainer.model, active=params.fused_lora, dropout_kernel=speedups.dropout_kernel and not params.compile
+            ),
             cuda_graph_layers(
                 trainer.model,
                 active=params.cuda_graphs,
                 compiled=params.compile,
-                casts_once=params.fused_lora and speedups.casts_once,
+                casts_once=params.fused_lora and speedups.casts_once and not params.compile,
             ) as graphed,
         ):
             if graphed is not None and env.cuda and speedups.record_rows_ahead:

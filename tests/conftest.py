@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fake_provider, browser
 
 from browser import chromium  # noqa: E402, F401  (the fixture)
+from triton_kernels import kernel_device  # noqa: E402, F401  (the fixture)
 
 
 @pytest.fixture

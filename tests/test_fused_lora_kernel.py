@@ -1,28 +1,13 @@
 """The Triton kernel of fused LoRA's backward through dropout (redistill/fused_lora_kernel.py). It runs on a GPU, or
 under Triton's interpreter where Triton is installed."""
 
-import importlib.util
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from triton_kernels import needs_triton, run_under_interpreter, runs_here
 
 from redistill.fused_lora import FusedLoraProduct
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-# Triton's interpreter must be chosen before Triton is imported, and pytest's other modules import it (through trl):
-# on a CPU the tests below run in a process of their own, started by the last test of this module.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@pytest.fixture
-def kernel_device() -> str:
-    """Where the kernel runs: the GPU, else the CPU under Triton's interpreter."""
-    if not torch.cuda.is_available() and not INTERPRETED:
-        pytest.skip("runs under Triton's interpreter, in the process that test_under_tritons_interpreter starts")
-    return "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = needs_triton
 
 
 @pytest.mark.parametrize("inner", [32, 128])  # one step of the rank, two
@@ -72,12 +57,7 @@ def test_fused_lora_with_the_kernel_gives_the_gradients_without_it(kernel_device
         torch.testing.assert_close(with_kernel, without, rtol=tolerance, atol=tolerance * without.abs().max().item())
 
 
-@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the kernel ran in this process")
+@runs_here
 def test_under_tritons_interpreter():
     """This module's kernel tests, on the CPU, in a process where Triton starts in its interpreter."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    result = subprocess.run(
-        command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=1200
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
+    run_under_interpreter(__file__)

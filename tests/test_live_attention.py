@@ -2,15 +2,11 @@
 round the ring, nothing else, and gives SDPA's answer over the masked row; the generator answers as before with it.
 The kernel runs on a GPU, or under Triton's interpreter where Triton is installed."""
 
-import importlib.util
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from test_continuous import SENTENCES
 from test_extract import SYSTEM, stopping_early
+from triton_kernels import needs_triton, run_under_interpreter, runs_here
 
 from redistill import live_attention
 from redistill.decoding import Decoding
@@ -18,18 +14,7 @@ from redistill.generation import Generator
 from redistill.live_attention import decode_attention
 from redistill.prompts import DEFAULT_SYSTEM_PROMPT
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-# Triton's interpreter must be chosen before Triton is imported, and pytest's other modules import it (through trl):
-# on a CPU the tests below run in a process of their own, started by the last test of this module.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@pytest.fixture
-def kernel_device() -> str:
-    """Where the kernel runs: the GPU, else the CPU under Triton's interpreter."""
-    if not torch.cuda.is_available() and not INTERPRETED:
-        pytest.skip("runs under Triton's interpreter, in the process that test_under_tritons_interpreter starts")
-    return "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = needs_triton
 
 
 def reference(query, key, value, mask, scaling):
@@ -178,12 +163,7 @@ def test_smollm2s_greedy_answers_are_the_same_with_live_column_attention(kernel_
     assert kernel_calls
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or INTERPRETED, reason="the kernel runs here as it is")
+@runs_here
 def test_under_tritons_interpreter():
     """This module's kernel tests, on the CPU, in a process where Triton starts in its interpreter."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    result = subprocess.run(
-        command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=1200
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
+    run_under_interpreter(__file__)
