@@ -64,6 +64,10 @@ class Speedups:
     # train.cuda_graphs with train.fused_lora: each forward graph casts all the adapter weights to bf16 in a few
     # kernels (torch._foreach_copy_) at its start, instead of two small casts per projection; the same numbers.
     casts_once: bool = True
+    # train.fused_lora: dropout's mask drawn by a Triton kernel from a seed and each element's position, and drawn
+    # again in the backward (fused_lora_kernel.dropout): no mask written or read. Other draws than PyTorch's (the same
+    # distribution), so a run's losses are not those of the run without it. Off until measured.
+    dropout_draws_in_kernel: bool = False
 
 
 def check_hardware(params: TrainParams) -> bool:
@@ -296,7 +300,10 @@ def run(trainer, resume: str | None, params: TrainParams, env: Environment, spee
             # has not traced the kernel, and would guard on the casts' table, which a recording fills (compiling
             # again inside the recording).
             fused_lora(
-                trainer.model, active=params.fused_lora, dropout_kernel=speedups.dropout_kernel and not params.compile
+                trainer.model,
+                active=params.fused_lora,
+                dropout_kernel=speedups.dropout_kernel and not params.compile,
+                dropout_draws=speedups.dropout_draws_in_kernel and not params.compile,
             ),
             cuda_graph_layers(
                 trainer.model,

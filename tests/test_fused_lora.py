@@ -64,12 +64,12 @@ def test_a_wrong_scale_or_dropout_factor_is_caught(tiny_student, monkeypatch, wr
     peft_result = loss_and_gradients(model, fused_on=False)
     apply = fused.FusedLoraProduct.apply
 
-    def off(x, weight, bias, lora_a, lora_b, scale, dropout, dtype, kernel):
+    def off(x, weight, bias, lora_a, lora_b, scale, *rest):
         if wrong == "scale":
             scale *= 1.01
         else:
             x = x * 1.01  # as if dropout scaled its kept inputs by 1.01 / (1 - p)
-        return apply(x, weight, bias, lora_a, lora_b, scale, dropout, dtype, kernel)
+        return apply(x, weight, bias, lora_a, lora_b, scale, *rest)
 
     monkeypatch.setattr(fused.FusedLoraProduct, "apply", off)
     assert error(loss_and_gradients(model, fused_on=True), peft_result) > 1e-4

@@ -115,7 +115,7 @@ def tiny_train_params(**changes) -> TrainParams:
 
 def train_tiny(student_folder, params: TrainParams, rows: int, out, validation: int = 0, **keywords) -> dict:
     """The train stage's training of the tiny student on ``rows`` labelled rows and ``validation`` held-out ones;
-    its metrics. ``keywords`` go to train() (callbacks, speedups)."""
+    its metrics. ``keywords`` go to train(): callbacks, speedups, log_dir (None: no DVCLive; a GPU image lacks it)."""
     student = StudentParams(
         model=str(student_folder), system_prompt=None, chat_template_fallback=None, attn_implementation="sdpa"
     )
@@ -127,8 +127,7 @@ def train_tiny(student_folder, params: TrainParams, rows: int, out, validation: 
         labeled_rows(validation, start=100),
         adapter_dir=out / "adapter",
         checkpoints=out / "checkpoints",
-        log_dir=out / "log",
-        **keywords,
+        **{"log_dir": out / "log", **keywords},
     )
     return metrics
 
