@@ -109,10 +109,11 @@ DROPOUT_ROWS, DROPOUT_COLUMNS = 16, 256
 
 
 def dropout(x: torch.Tensor, rate: float, seed: torch.Tensor) -> torch.Tensor:
-    """``x`` (rows, columns, unit stride along columns) with each element zeroed at ``rate`` and the rest scaled by
-    ``1 / (1 - rate)``, the draws from ``seed`` (a one-element integer tensor, read on the GPU: a CUDA graph replays
-    it with the seed its step drew) and each element's position, so that `add_masked_product` draws them again
-    instead of reading a stored mask. Other draws than PyTorch's dropout, from the same distribution."""
+    """``x`` (rows, columns) with each element zeroed at ``rate`` and the rest scaled by ``1 / (1 - rate)``, the
+    draws from ``seed`` (a one-element integer tensor, read on the GPU: a CUDA graph replays it with the seed its
+    step drew) and each element's position, so that `add_masked_product` draws them again instead of reading a
+    stored mask. Other draws than PyTorch's dropout, from the same distribution."""
+    x = x if x.stride(1) == 1 else x.contiguous()
     rows, columns = x.shape
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     grid = (triton.cdiv(rows, DROPOUT_ROWS), triton.cdiv(columns, DROPOUT_COLUMNS))
