@@ -148,7 +148,7 @@ def test_the_row_shapes_recorded_ahead_are_the_first_of_each_that_the_run_meets(
 
     monkeypatch.setattr(StudentTrainer, "training_step", step)
     params = tiny_train_params(packing=True, row_length_multiple=16, batch_size=3, epochs=2.0, max_steps=max_steps)
-    train_tiny(tiny_student, params, 10, tmp_path, callbacks=(foreseen,))
+    train_tiny(tiny_student, params, 10, tmp_path, callbacks=(foreseen,), log_dir=None)
     first_of_each: dict[tuple, dict] = {}
     for batch in met:
         first_of_each.setdefault(row_shape(batch), batch)
