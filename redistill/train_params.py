@@ -39,7 +39,7 @@ PRESETS = {
     # every 500 steps (one, adapter + optimiser, is 8 GB for the 8B), fused LoRA, the layers replayed as CUDA graphs
     # over rows padded to multiples of 64 (every row shape recorded before the first step), and Liger's kernels,
     # where each can run (TrainParams.__post_init__).
-    # Needs ~43 GB.
+    # Needs ~35 GiB at rank 256 (its peak on an H100, BENCHMARKS.md).
     "fast": {
         "method": "lora",
         "learning_rate": 2.0e-4,
@@ -112,7 +112,7 @@ class TrainParams:
     construction, so everything downstream, the checkpoint fingerprint included, sees the values that ran)."""
 
     preset: str = param(
-        "`post` (the post's recipe), `fast` (the highest throughput, ~43 GiB for the 8B), `low_memory` (the "
+        "`post` (the post's recipe), `fast` (the highest throughput, ~35 GiB for the 8B), `low_memory` (the "
         "least memory, under 10 GiB), `small_student` (every weight of a small student such as SmolLM2-135M "
         "trained; the best measured quality, [quality.md](quality.md)): fills every train key that is `null` with "
         "the preset's value ([presets](#presets)); a value you set wins. What each costs and buys: "
