@@ -37,7 +37,8 @@ from redistill.train_params import TrainParams
 
 @dataclass(frozen=True)
 class Speedups:
-    """train()'s speed-ups that change no number, each switchable so that a benchmark can measure what it buys."""
+    """train()'s speed-ups, each switchable so that a benchmark can measure what it buys. Each changes no number
+    beyond rounding, except where its comment says."""
 
     packed_attention: bool = True  # packed rows through the varlen kernel on a GPU (off: SDPA with a block mask)
     skip_input_casts: bool = True  # under bf16, no cast of each projection's input to the fp32 adapter and back
