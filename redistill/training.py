@@ -225,8 +225,23 @@ def loss_log_callbacks(config, log_dir: Path | None, resumed: bool, examples: in
         return []
     from dvclive import Live
 
+    if resumed:
+        drop_torn_summary(log_dir)
     live = Live(dir=str(log_dir), resume=resumed, dvcyaml=None, save_dvc_exp=False, report=None)
     return [ExamplesSeenDVCLive(examples, global_batch_size(config), live=live)]
+
+
+def drop_torn_summary(log_dir: Path) -> None:
+    """DVCLive rewrites its summary (metrics.json) in place at every log, so a run killed mid-write leaves it cut
+    short, and resuming would stop reading it. It holds only the last logged values, which the resumed run's next log
+    writes again: a cut one is removed."""
+    summary = log_dir / "metrics.json"
+    try:
+        json.loads(summary.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        pass
+    except ValueError:
+        summary.unlink()
 
 
 def global_batch_size(config) -> int:

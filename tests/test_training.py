@@ -486,3 +486,22 @@ def test_no_checkpoint_is_written_after_the_last_step(tiny_student, tmp_path, sk
     train_tiny(tiny_student, params, 10, tmp_path, callbacks=(saves,), speedups=speedups)
     assert saves.steps == ([2, 4] if skip else [2, 4, 5])
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_resumed_run_drops_a_loss_log_summary_cut_short_by_a_kill(tmp_path):
+    """DVCLive rewrites metrics.json in place at every log: killed mid-write, it is cut short, and DVCLive's resume
+    would stop on it (seen once in CI, in the interrupted-training test above). A whole one is kept."""
+    from types import SimpleNamespace
+
+    from redistill.training import loss_log_callbacks
+
+    batches = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "world_size": 1}
+    config = SimpleNamespace(process_index=0, **batches)
+    summary = tmp_path / "log" / "metrics.json"
+    summary.parent.mkdir()
+    summary.write_text('{"step": 40, "train": {"lo')
+    assert loss_log_callbacks(config, tmp_path / "log", resumed=True, examples=10)
+    assert not summary.exists()
+    summary.write_text('{"step": 40}')
+    loss_log_callbacks(config, tmp_path / "log", resumed=True, examples=10)
+    assert summary.read_text() == '{"step": 40}'
