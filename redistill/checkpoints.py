@@ -31,7 +31,12 @@ def last_checkpoint(checkpoints: Path, expected: str, tidy: bool = True) -> str 
 
 
 def _newest(checkpoints: list[Path]) -> str | None:
-    return str(max(checkpoints, key=lambda path: int(path.name.split("-")[1]))) if checkpoints else None
+    return str(max(checkpoints, key=checkpoint_step)) if checkpoints else None
+
+
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The optimiser step a checkpoint folder (``checkpoint-N``) was saved at."""
+    return int(Path(checkpoint).name.split("-")[1])
 
 
 def _is_complete(checkpoint: Path) -> bool:

@@ -20,12 +20,12 @@ from trl import SFTTrainer
 
 from redistill.attention import packed_attention_available, use_packed_attention
 from redistill.callbacks import ExamplesSeenDVCLive, LossInProgressBar, StepClock
-from redistill.checkpoints import fingerprint, last_checkpoint
+from redistill.checkpoints import checkpoint_step, fingerprint, last_checkpoint
 from redistill.compiling import compile_decoder_layers
 from redistill.cuda_graphs import WARMUP_STEPS, GraphedLayers, cuda_graph_layers
 from redistill.errors import PipelineError
 from redistill.fused_lora import fused_lora
-from redistill.io import atomic_dir
+from redistill.io import atomic_dir, atomic_path
 from redistill.launch import is_launched, local_rank, uses_fsdp
 from redistill.liger import liger_problem, use_liger_kernels
 from redistill.models import load_base, student_tokenizer, write_trained_with
@@ -219,16 +219,21 @@ def trainer_config(params: TrainParams, env: Environment, checkpoints: Path, val
     return config
 
 
-def loss_log_callbacks(config, log_dir: Path | None, resumed: bool, examples: int) -> list:
-    """DVCLive's loss curve, on the one process that writes outputs; a resumed run appends to the log it started."""
+def loss_log_callbacks(config, log_dir: Path | None, resumed_at: int | None, examples: int) -> list:
+    """DVCLive's loss curve, on the one process that writes outputs; a run resumed from the checkpoint of step
+    ``resumed_at`` appends to the log it started (`resume_log`)."""
     if config.process_index != 0 or log_dir is None:
         return []
     from dvclive import Live
 
+    resumed = resumed_at is not None
     if resumed:
         drop_torn_summary(log_dir)
     live = Live(dir=str(log_dir), resume=resumed, dvcyaml=None, save_dvc_exp=False, report=None)
-    return [ExamplesSeenDVCLive(examples, global_batch_size(config), live=live)]
+    callback = ExamplesSeenDVCLive(examples, global_batch_size(config), live=live)
+    if resumed:
+        trim_curves(log_dir, callback.examples_seen(resumed_at))
+    return [callback]
 
 
 def drop_torn_summary(log_dir: Path) -> None:
@@ -242,6 +247,27 @@ def drop_torn_summary(log_dir: Path) -> None:
         pass
     except ValueError:
         summary.unlink()
+
+
+def trim_curves(log_dir: Path, last_step: int) -> None:
+    """The curves' rows (DVCLive's TSV files, steps in examples seen) up to ``last_step``, where the resumed run's
+    checkpoint was saved: the killed run logged past it, and the resumed run logs those steps again. A row the kill
+    cut short goes too."""
+    for curve in (log_dir / "plots").rglob("*.tsv"):
+        header, *rows = curve.read_text(encoding="utf-8").splitlines()
+        columns = header.count("\t") + 1
+        kept = [row for row in rows if row.count("\t") + 1 == columns and _step_of(row) <= last_step]
+        if len(kept) < len(rows):
+            with atomic_path(curve) as staging:
+                staging.write_text("\n".join([header, *kept]) + "\n", encoding="utf-8")
+
+
+def _step_of(row: str) -> float:
+    """A curve row's step; a row cut before its step ends sorts after every step."""
+    try:
+        return int(row.split("\t", 1)[0])
+    except ValueError:
+        return math.inf
 
 
 def global_batch_size(config) -> int:
@@ -391,7 +417,8 @@ def train(
     with config.main_process_first(local=False):  # the main process tidies the checkpoints before anyone reads
         resume = last_checkpoint(checkpoints, run_id, tidy=config.process_index == 0)
     clock = StepClock()
-    loss_log = loss_log_callbacks(config, log_dir, resume is not None, len(examples.train))
+    resumed_at = None if resume is None else checkpoint_step(resume)
+    loss_log = loss_log_callbacks(config, log_dir, resumed_at, len(examples.train))
     at_end = [SkipCheckpointAtEnd()] if speedups.no_checkpoint_at_end else []
     trainer = build_trainer(model, config, examples, tokenizer, params, [clock, *callbacks, *loss_log, *at_end])
     trainer.tokens_counted_on_host = speedups.no_host_waits

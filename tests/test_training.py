@@ -488,20 +488,26 @@ def test_no_checkpoint_is_written_after_the_last_step(tiny_student, tmp_path, sk
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() and not (tmp_path / "checkpoints").exists()
 
 
-def test_a_resumed_run_drops_a_loss_log_summary_cut_short_by_a_kill(tmp_path):
-    """DVCLive rewrites metrics.json in place at every log: killed mid-write, it is cut short, and DVCLive's resume
-    would stop on it (seen once in CI, in the interrupted-training test above). A whole one is kept."""
+def test_a_resumed_run_keeps_the_loss_log_up_to_its_checkpoint(tmp_path):
+    """A run killed after its checkpoint logged further, perhaps while writing: DVCLive's summary (rewritten in place
+    at every log) cut short would stop DVCLive's resume (seen once in CI, in the interrupted-training test above),
+    and the curves' rows past the checkpoint would be logged twice. A whole summary and the rows up to the
+    checkpoint's step (in examples seen: 4 a step here) are kept."""
     from types import SimpleNamespace
 
     from redistill.training import loss_log_callbacks
 
     batches = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "world_size": 1}
     config = SimpleNamespace(process_index=0, **batches)
-    summary = tmp_path / "log" / "metrics.json"
-    summary.parent.mkdir()
-    summary.write_text('{"step": 40, "train": {"lo')
-    assert loss_log_callbacks(config, tmp_path / "log", resumed=True, examples=10)
+    log = tmp_path / "log"
+    curve = log / "plots" / "metrics" / "loss.tsv"
+    curve.parent.mkdir(parents=True)
+    curve.write_text("step\tloss\n4\t2.5\n8\t2.25\n12\t2.0\n1")  # the kill cut the last row
+    summary = log / "metrics.json"
+    summary.write_text('{"step": 12, "lo')
+    assert loss_log_callbacks(config, log, resumed_at=2, examples=100)  # resumed from checkpoint-2: 8 examples
     assert not summary.exists()
-    summary.write_text('{"step": 40}')
-    loss_log_callbacks(config, tmp_path / "log", resumed=True, examples=10)
-    assert summary.read_text() == '{"step": 40}'
+    assert curve.read_text() == "step\tloss\n4\t2.5\n8\t2.25\n"
+    summary.write_text('{"step": 8}')
+    loss_log_callbacks(config, log, resumed_at=2, examples=100)
+    assert summary.read_text() == '{"step": 8}' and curve.read_text() == "step\tloss\n4\t2.5\n8\t2.25\n"
