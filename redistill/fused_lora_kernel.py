@@ -93,11 +93,12 @@ def add_masked_product(
     step = min(BLOCK_INNER, inner)
     grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(columns, BLOCK_COLUMNS))
     drawn = mask is None
-    mask = seed if drawn else mask.view(torch.uint8)  # a kernel with DRAWN reads no mask, one without no seed
+    # The kernel reads one of the two: the other pointer stands in for the one it doesn't.
+    mask_bytes = seed if drawn else mask.view(torch.uint8)
     _add_masked_product[grid](
-        into, left, right, mask, mask if seed is None else seed,
+        into, left, right, mask_bytes, seed if drawn else mask_bytes,
         rows, columns, scale, rate,
-        into.stride(0), left.stride(0), right.stride(0), mask.stride(0) if mask.dim() == 2 else 0,
+        into.stride(0), left.stride(0), right.stride(0), 0 if drawn else mask_bytes.stride(0),
         INNER=inner, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS, BLOCK_INNER=step, DRAWN=drawn,
         num_warps=WARPS, num_stages=STAGES,
     )  # fmt: skip

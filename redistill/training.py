@@ -221,7 +221,7 @@ def trainer_config(params: TrainParams, env: Environment, checkpoints: Path, val
 
 def loss_log_callbacks(config, log_dir: Path | None, resumed_at: int | None, examples: int) -> list:
     """DVCLive's loss curve, on the one process that writes outputs; a run resumed from the checkpoint of step
-    ``resumed_at`` appends to the log it started (`resume_log`)."""
+    ``resumed_at`` appends to the log it started, cut back to that step (`drop_torn_summary`, `trim_curves`)."""
     if config.process_index != 0 or log_dir is None:
         return []
     from dvclive import Live
