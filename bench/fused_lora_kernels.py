@@ -1,11 +1,10 @@
-"""Fused LoRA's dropout kernels (redistill/fused_lora_kernel.py) against the PyTorch kernels they replace, at
-Llama-3-8B's widths, on one GPU:
+"""Fused LoRA's backward through dropout as one kernel (redistill/fused_lora_kernel.py) against the PyTorch kernels
+it replaces, at Llama-3-8B's widths, on one GPU:
 
     python bench/fused_lora_kernels.py --tokens 1280 --rank 256 --out kernels.json
 
-- the backward through dropout: ``grad_hidden @ A``, PyTorch's dropout backward and the addition into the input's
-  gradient (three kernels), against `add_masked_product` reading the stored mask, and drawing it from a seed;
-- dropout itself: PyTorch's (its output and a bool mask), against `dropout` drawing from a seed (its output only).
+``grad_hidden @ A``, PyTorch's dropout backward and the addition into the input's gradient (three kernels), against
+`add_masked_product` reading the stored mask; and PyTorch's dropout itself (its output and a bool mask), for scale.
 
 Microseconds a call (CUDA events over 200 calls after 5 warm-up calls) for each width of an input (4,096: q, k, v,
 o, gate, up; 14,336: down)."""
@@ -15,7 +14,7 @@ import json
 
 import torch
 
-from redistill.fused_lora_kernel import add_masked_product, dropout
+from redistill.fused_lora_kernel import add_masked_product
 
 
 def microseconds(call, repeats: int = 200) -> float:
@@ -38,7 +37,6 @@ def widths(tokens: int, rank: int, width: int, rate: float) -> dict:
     grad_hidden, a = torch.randn(tokens, rank, **bf16), torch.randn(rank, width, **bf16) * 0.05
     x, into = torch.randn(tokens, width, **bf16), torch.randn(tokens, width, **bf16)
     mask = torch.rand(tokens, width, device="cuda") >= rate
-    seed = torch.tensor([1234], device="cuda")
 
     def three_kernels():
         into.add_(torch.ops.aten.native_dropout_backward(grad_hidden @ a, mask, scale))
@@ -46,15 +44,10 @@ def widths(tokens: int, rank: int, width: int, rate: float) -> dict:
     def stored():
         add_masked_product(into, grad_hidden, a, mask, scale)
 
-    def drawn():
-        add_masked_product(into, grad_hidden, a, None, scale, seed, rate)
-
     return {
         "backward, three kernels": microseconds(three_kernels),
         "backward, one kernel, stored mask": microseconds(stored),
-        "backward, one kernel, drawn mask": microseconds(drawn),
         "dropout, PyTorch's": microseconds(lambda: torch.native_dropout(x, rate, True)),
-        "dropout, drawn": microseconds(lambda: dropout(x, rate, seed)),
     }
 
 

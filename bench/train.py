@@ -93,11 +93,6 @@ RUNS = {
     # Speedups.dropout_kernel; each adapter weight cast at each call, as before Speedups.casts_once.
     "fast-dropout-unfused-2-epochs": Run("fast", speedups=Speedups(dropout_kernel=False), whole_epochs=True),
     "fast-casts-per-call-2-epochs": Run("fast", speedups=Speedups(casts_once=False), whole_epochs=True),
-    # Dropout's masks drawn by fused LoRA's kernels from a seed (Speedups.dropout_draws_in_kernel; other draws).
-    "fast-dropout-draws-2-epochs": Run("fast", speedups=Speedups(dropout_draws_in_kernel=True), whole_epochs=True),
-    "fast-dropout-draws-rows-32-2-epochs": Run(
-        "fast", {"row_length_multiple": 32}, Speedups(dropout_draws_in_kernel=True), whole_epochs=True
-    ),
     # The trainer's clipping (a pass scaling every gradient), as before Speedups.clip_in_optimizer.
     "fast-clip-by-trainer-2-epochs": Run("fast", speedups=Speedups(clip_in_optimizer=False), whole_epochs=True),
     # The packed row through SDPA with a block-diagonal mask (cuDNN's kernel off), as before the varlen kernel.

@@ -34,6 +34,10 @@ from redistill.models import decoder_of
 WARMUP_STEPS = 1
 
 
+class Recorded(Exception):  # a signal, not an error
+    """A row shape was recorded within `GraphedLayers.recording_only`."""
+
+
 @dataclass
 class Recording:
     """The graphs of one row length: their inputs, output and output gradient at fixed addresses."""
@@ -82,6 +86,7 @@ class GraphedLayers:
         self.recordings: dict[tuple, Recording] = {}
         self.eager_runs: dict[tuple, int] = {}
         self.pool = None
+        self.stop_after_recording = False  # `recording_only`
 
     def __getitem__(self, index: slice) -> list["GraphedLayers"]:
         return [self]
@@ -101,8 +106,21 @@ class GraphedLayers:
                 with uncached_autocast(hidden_states.device):
                     return self.run(hidden_states, **kwargs)
             self.recordings[key] = self._record(hidden_states, kwargs)
+            if self.stop_after_recording:
+                raise Recorded
         inputs = call_tensors(hidden_states, kwargs)
         return ReplayLayers.apply(self, self.recordings[key], self.trainable[0], *inputs)
+
+    @contextmanager
+    def recording_only(self) -> Iterator[None]:
+        """Within the block, a call that records its shape raises `Recorded` instead of replaying the recording:
+        a step run only to record its row shape (training.RecordRowShapesAhead) stops there, with no forward and
+        backward to compute (~0.1 s of GPU work a shape on an 8B)."""
+        self.stop_after_recording = True
+        try:
+            yield
+        finally:
+            self.stop_after_recording = False
 
     def run(self, hidden_states, **kwargs):
         """The layers one after another, as the decoder's own loop runs them."""

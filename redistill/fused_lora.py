@@ -16,7 +16,6 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
@@ -32,42 +31,27 @@ class FusedLoraProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
-        x,
-        weight,
-        bias,
-        lora_a,
-        lora_b,
-        scale: float,
-        dropout: float,
-        dtype: torch.dtype,
-        kernel: bool = False,
-        draws: bool = False,
+        ctx, x, weight, bias, lora_a, lora_b, scale: float, dropout: float, dtype: torch.dtype, kernel: bool = False
     ):
         x = x.to(dtype)
-        seed = None
-        if dropout and draws and _kernels_run(x):  # the mask drawn from a seed, again in the backward
-            from redistill.fused_lora_kernel import dropout as dropout_drawn
-
-            seed = torch.randint(2**31 - 1, (1,), device=x.device)  # from the step's generator: graphs replay it
-            flat, mask = dropout_drawn(x.reshape(-1, x.shape[-1]), dropout, seed), None
-        elif dropout:
+        if dropout:
             dropped, mask = torch.native_dropout(x, dropout, True)  # the draws and values of peft's nn.Dropout
-            flat, mask = dropped.reshape(-1, dropped.shape[-1]), mask.reshape(-1, mask.shape[-1])
         else:
-            flat, mask = x.reshape(-1, x.shape[-1]), None
+            dropped, mask = x, None
         a, b = _cast(lora_a, dtype), _cast(lora_b, dtype)
+        flat = dropped.reshape(-1, dropped.shape[-1])
+        mask = None if mask is None else mask.reshape(flat.shape)
         hidden = flat @ a.T  # (tokens, r)
         output = torch.nn.functional.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
         output.view(-1, output.shape[-1]).addmm_(hidden, b.T, alpha=scale)
-        ctx.save_for_backward(weight, flat, mask, a, b, hidden, seed)
+        ctx.save_for_backward(weight, flat, mask, a, b, hidden)
         ctx.scale, ctx.dropout, ctx.kernel = scale, dropout, kernel
         ctx.gradients_into = (_gradients_into.get(id(lora_a)), _gradients_into.get(id(lora_b)))
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        weight, flat, mask, a, b, hidden, seed = ctx.saved_tensors
+        weight, flat, mask, a, b, hidden = ctx.saved_tensors
         into_a, into_b = ctx.gradients_into
         grad = grad_output.reshape(-1, grad_output.shape[-1]).to(b.dtype)
         grad_b = _matmul_fp32(grad.T, hidden, into_b, ctx.scale)
@@ -76,14 +60,13 @@ class FusedLoraProduct(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad @ weight.to(b.dtype)
-            if not ctx.dropout:
+            if mask is None:
                 grad_x.addmm_(grad_hidden, a, alpha=ctx.scale)
             else:
-                kept = Kept(mask, seed, ctx.dropout)
-                _add_through_dropout(grad_x, grad_hidden, a, kept, ctx.scale / (1 - ctx.dropout), ctx.kernel)
+                _add_through_dropout(grad_x, grad_hidden, a, mask, ctx.scale / (1 - ctx.dropout), ctx.kernel)
             grad_x = grad_x.view(*grad_output.shape[:-1], flat.shape[-1])
         # (autograd casts each gradient to its input's dtype: the fp32 adapter weights take these as they are)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
 def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -92,35 +75,17 @@ def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return copy if copy is not None and copy.dtype == dtype else weight.to(dtype)
 
 
-@dataclass
-class Kept:
-    """What dropout kept: PyTorch's stored ``mask``, or the ``seed`` that fused_lora_kernel.dropout drew it from at
-    ``rate``."""
-
-    mask: torch.Tensor | None
-    seed: torch.Tensor | None
-    rate: float
-
-
-def _kernels_run(tensor: torch.Tensor) -> bool:
-    """Whether fused_lora_kernel's Triton kernels run on ``tensor``: a GPU's, or any under Triton's interpreter."""
-    return _TRITON and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def _add_through_dropout(into, grad_hidden, a, kept: Kept, scale: float, kernel: bool) -> None:
+def _add_through_dropout(into, grad_hidden, a, mask, scale: float, kernel: bool) -> None:
     """``into += scale * mask * (grad_hidden @ a)``: the input's gradient through the adapter and dropout.
-    With ``kernel`` (or a drawn mask), where the kernels run, one Triton kernel (redistill/fused_lora_kernel.py);
+    With ``kernel``, on a GPU (or under Triton's interpreter), one Triton kernel (redistill/fused_lora_kernel.py);
     else a product, dropout's backward and an addition. (One ``addcmul_`` with the bool mask instead of the last two
     ran unvectorised on an H100: 37 us a call against 11 + 9.)"""
-    mask = kept.mask
-    if (kernel or mask is None) and _kernels_run(into):
-        from redistill.fused_lora_kernel import add_masked_product, drawn_mask, fits
+    if kernel and _TRITON and (into.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        from redistill.fused_lora_kernel import add_masked_product, fits
 
         if fits(grad_hidden):
-            add_masked_product(into, grad_hidden, a, mask, scale, kept.seed, kept.rate)
+            add_masked_product(into, grad_hidden, a, mask, scale)
             return
-        if mask is None:
-            mask = drawn_mask(*into.shape, kept.rate, kept.seed)
     into += torch.ops.aten.native_dropout_backward(grad_hidden @ a, mask, scale)
 
 
@@ -136,7 +101,7 @@ def _matmul_fp32(left: torch.Tensor, right: torch.Tensor, into: torch.Tensor | N
     return product if into is None else into.copy_(product)
 
 
-def _fused_forward(module: LoraLinear, peft_forward, kernels: tuple, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _fused_forward(module: LoraLinear, peft_forward, kernel: bool, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``module``'s forward through FusedLoraProduct where it is plain LoRA on a plain linear layer with one active
     adapter; peft's own forward for anything else (adapters disabled or merged, mixed batches, DoRA and other
     variants, LoRA biases)."""
@@ -161,17 +126,14 @@ def _fused_forward(module: LoraLinear, peft_forward, kernels: tuple, x: torch.Te
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     base = module.base_layer
     return FusedLoraProduct.apply(
-        x, base.weight, base.bias, lora_a.weight, lora_b.weight, module.scaling[name], rate, dtype, *kernels
+        x, base.weight, base.bias, lora_a.weight, lora_b.weight, module.scaling[name], rate, dtype, kernel
     )
 
 
 @contextmanager
-def fused_lora(
-    model: torch.nn.Module, active: bool = True, dropout_kernel: bool = False, dropout_draws: bool = False
-) -> Iterator[int]:
+def fused_lora(model: torch.nn.Module, active: bool = True, dropout_kernel: bool = False) -> Iterator[int]:
     """Within the block, every peft LoRA linear layer of ``model`` on a plain ``nn.Linear`` computes through
-    FusedLoraProduct (``dropout_kernel``: its backward through dropout in one Triton kernel where it can;
-    ``dropout_draws``: dropout's mask drawn from a seed by a Triton kernel, and drawn again in the backward); peft's
+    FusedLoraProduct (``dropout_kernel``: its backward through dropout in one Triton kernel where it can); peft's
     forward is back afterwards. Yields how many layers were switched (0 if not ``active``)."""
     layers = [
         module
@@ -180,7 +142,7 @@ def fused_lora(
     ]
     for layer in layers:
         # An instance attribute shadows the class's forward; nn.Module.__call__ looks it up on the instance.
-        layer.forward = _bound(layer, (dropout_kernel, dropout_draws))
+        layer.forward = _bound(layer, dropout_kernel)
     try:
         yield len(layers)
     finally:
@@ -188,11 +150,11 @@ def fused_lora(
             del layer.forward
 
 
-def _bound(layer: LoraLinear, kernels: tuple[bool, bool]):
+def _bound(layer: LoraLinear, dropout_kernel: bool):
     peft_forward = type(layer).forward.__get__(layer)
 
     def forward(x, *args, **kwargs):
-        return _fused_forward(layer, peft_forward, kernels, x, *args, **kwargs)
+        return _fused_forward(layer, peft_forward, dropout_kernel, x, *args, **kwargs)
 
     return forward
 

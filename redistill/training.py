@@ -22,7 +22,7 @@ from redistill.attention import packed_attention_available, use_packed_attention
 from redistill.callbacks import ExamplesSeenDVCLive, LossInProgressBar, StepClock
 from redistill.checkpoints import checkpoint_step, fingerprint, last_checkpoint
 from redistill.compiling import compile_decoder_layers
-from redistill.cuda_graphs import WARMUP_STEPS, GraphedLayers, cuda_graph_layers
+from redistill.cuda_graphs import WARMUP_STEPS, GraphedLayers, Recorded, cuda_graph_layers
 from redistill.errors import PipelineError
 from redistill.fused_lora import fused_lora
 from redistill.io import atomic_dir, atomic_path
@@ -65,10 +65,6 @@ class Speedups:
     # train.cuda_graphs with train.fused_lora: each forward graph casts all the adapter weights to bf16 in a few
     # kernels (torch._foreach_copy_) at its start, instead of two small casts per projection; the same numbers.
     casts_once: bool = True
-    # train.fused_lora: dropout's mask drawn by a Triton kernel from a seed and each element's position, and drawn
-    # again in the backward (fused_lora_kernel.dropout): no mask written or read. Other draws than PyTorch's (the same
-    # distribution), so a run's losses are not those of the run without it. Off until measured.
-    dropout_draws_in_kernel: bool = False
 
 
 def check_hardware(params: TrainParams) -> bool:
@@ -342,10 +338,7 @@ def run(trainer, resume: str | None, params: TrainParams, env: Environment, spee
             # has not traced the kernel, and would guard on the casts' table, which a recording fills (compiling
             # again inside the recording).
             fused_lora(
-                trainer.model,
-                active=params.fused_lora,
-                dropout_kernel=speedups.dropout_kernel and not params.compile,
-                dropout_draws=speedups.dropout_draws_in_kernel and not params.compile,
+                trainer.model, active=params.fused_lora, dropout_kernel=speedups.dropout_kernel and not params.compile
             ),
             cuda_graph_layers(
                 trainer.model,
@@ -682,12 +675,13 @@ class SkipCheckpointAtEnd(TrainerCallback):
 
 
 class RecordRowShapesAhead(TrainerCallback):
-    """Before the run's first step, one training step (forward and backward, no optimiser step) of each row shape
-    the run will meet, so that the graphed layers (train.cuda_graphs) record every shape up front. Met mid-run, a
-    new shape costs its recording, and where one is needed an eager step, ~0.4-0.8 s on an 8B, among the steps
-    that the throughput after warm-up measures. The rows are the run's own, in its order: the length-grouped
-    sampler is seeded by epoch. The gradients are dropped and the CUDA generator's state put back: the run's steps
-    and dropout's draws are those it would have had."""
+    """Before the run's first step, the graphed layers (train.cuda_graphs) record every row shape the run will meet:
+    a training step of each (no optimiser step) that stops once the layers have recorded its shape
+    (`GraphedLayers.recording_only`), after an eager one where the layers need it. Met mid-run, a new shape costs its
+    recording, and where one is needed an eager step, ~0.4-0.8 s on an 8B, among the steps that the throughput after
+    warm-up measures. The rows are the run's own, in its order: the length-grouped sampler is seeded by epoch. The
+    gradients are dropped and the CUDA generator's state put back: the run's steps and dropout's draws are those it
+    would have had."""
 
     def __init__(self, trainer: "StudentTrainer", graphed: GraphedLayers) -> None:
         self.trainer, self.graphed = trainer, graphed
@@ -699,15 +693,19 @@ class RecordRowShapesAhead(TrainerCallback):
             return  # a random order, or micro-batches: shapes are recorded as the run meets them
         model = trainer.model_wrapped.train()
         rows = one_batch_of_each_shape(sampler, train_dataloader, args.train_batch_size, state.max_steps)
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()]):  # dropout's draws: the run's own
+        with (
+            torch.random.fork_rng(devices=[torch.cuda.current_device()]),  # dropout's draws: the run's own
+            self.graphed.recording_only(),
+        ):
             for batch in rows:
                 inputs = trainer._prepare_inputs(batch)
-                recorded = len(self.graphed.recordings)
                 for _ in range(WARMUP_STEPS + 1):  # eager steps where the layers need them, then the recording
-                    self.forward_and_backward(model, inputs)
-                    model.zero_grad(set_to_none=True)  # as at a step's start
-                    if len(self.graphed.recordings) > recorded:
+                    try:
+                        self.forward_and_backward(model, inputs)
+                    except Recorded:  # the step stopped once its shape was recorded
                         break
+                    finally:
+                        model.zero_grad(set_to_none=True)  # as at a step's start
 
     def forward_and_backward(self, model, inputs: dict) -> None:
         """A training step's forward and backward. Its loss, and with it the autograd graph, ends here: a later
