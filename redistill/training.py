@@ -65,6 +65,10 @@ class Speedups:
     # train.cuda_graphs with train.fused_lora: each forward graph casts all the adapter weights to bf16 in a few
     # kernels (torch._foreach_copy_) at its start, instead of two small casts per projection; the same numbers.
     casts_once: bool = True
+    # train.fused_lora: the projections that read one input (q, k and v; gate and up) add their input gradients into
+    # one tensor inside their matrix products (cuBLAS's beta) instead of autograd's additions after them
+    # (fused_lora.SharedGradient); the same gradients up to rounding. Off until measured.
+    shared_input_gradients: bool = False
 
 
 def check_hardware(params: TrainParams) -> bool:
@@ -338,7 +342,10 @@ def run(trainer, resume: str | None, params: TrainParams, env: Environment, spee
             # has not traced the kernel, and would guard on the casts' table, which a recording fills (compiling
             # again inside the recording).
             fused_lora(
-                trainer.model, active=params.fused_lora, dropout_kernel=speedups.dropout_kernel and not params.compile
+                trainer.model,
+                active=params.fused_lora,
+                dropout_kernel=speedups.dropout_kernel and not params.compile,
+                shared_input_gradients=speedups.shared_input_gradients and not params.compile,
             ),
             cuda_graph_layers(
                 trainer.model,

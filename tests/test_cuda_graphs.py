@@ -159,9 +159,12 @@ def test_the_row_shapes_recorded_ahead_are_the_first_of_each_that_the_run_meets(
 
 
 @pytest.mark.skipif(not attention.packed_attention_available(torch.bfloat16), reason="needs a CUDA GPU")
-# Fused LoRA writes the gradients into the graphs' buffers; with casts_once, reads the weights the graph cast.
-@pytest.mark.parametrize(("fused", "casts"), [(False, False), (True, False), (True, True)])
-def test_replayed_layers_give_eagers_loss_and_gradients_on_the_gpu(tiny_student, monkeypatch, fused, casts):
+# Fused LoRA writes the gradients into the graphs' buffers; with casts_once, reads the weights the graph cast; with
+# shared, q and v build their input's gradient together.
+@pytest.mark.parametrize(
+    ("fused", "casts", "shared"), [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+)
+def test_replayed_layers_give_eagers_loss_and_gradients_on_the_gpu(tiny_student, monkeypatch, fused, casts, shared):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -194,7 +197,7 @@ def test_replayed_layers_give_eagers_loss_and_gradients_on_the_gpu(tiny_student,
 
     monkeypatch.setattr(torch, "_foreach_copy_", copy)
     weights = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    with fused_lora(model, active=fused):
+    with fused_lora(model, active=fused, shared_input_gradients=shared):
         eager = [step(row) for row in rows]
         with cuda_graph_layers(model, casts_once=casts) as stand_in:
             for _ in range(WARMUP_STEPS + 2):  # eager steps at the first shape, recorded, then replayed

@@ -1,28 +1,33 @@
 """train.fused_lora on a tiny random Llama: peft's loss and adapter gradients, dropout's draws included."""
 
+import collections
+
 import pytest
 import torch
 from test_packing import examples
+from torch.utils._python_dispatch import TorchDispatchMode
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from redistill import fused_lora as fused
 
-TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]  # k_proj, gate_proj and up_proj stay plain: mixed siblings
+EVERY_PROJECTION = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def lora_model(tiny_student, dtype: torch.dtype, dropout: float):
+def lora_model(tiny_student, dtype: torch.dtype, dropout: float, targets: list[str] = TARGETS):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=dtype)
     # Random B (not peft's zeros), so that every gradient and the adapter's share of the output are non-zero.
-    config = LoraConfig(r=8, lora_alpha=24, lora_dropout=dropout, target_modules=TARGETS, init_lora_weights=False)
+    config = LoraConfig(r=8, lora_alpha=24, lora_dropout=dropout, target_modules=targets, init_lora_weights=False)
     torch.manual_seed(0)  # the same adapter in every dtype
     return get_peft_model(base, config).train()
 
 
-def loss_and_gradients(model, fused_on: bool, autocast: bool = False, seed: int = 3):
-    """The loss of one batch and every adapter weight's gradient, with peft's forward or the fused one."""
+def loss_and_gradients(model, fused_on: bool, autocast: bool = False, seed: int = 3, shared: bool = False):
+    """The loss of one batch and every adapter weight's gradient, with peft's forward or the fused one (``shared``:
+    siblings' input gradients built together)."""
     from peft.helpers import disable_input_dtype_casting
 
     tokenizer, batch = examples()
@@ -30,11 +35,12 @@ def loss_and_gradients(model, fused_on: bool, autocast: bool = False, seed: int 
     model.zero_grad()
     torch.manual_seed(seed)  # the same dropout draws for both
     with (
-        fused.fused_lora(model, active=fused_on) as switched,
+        fused.fused_lora(model, active=fused_on, shared_input_gradients=shared) as switched,
         torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
         disable_input_dtype_casting(model, active=autocast),  # as the stage trains under bf16
     ):
-        assert switched == (2 * len(TARGETS) if fused_on else 0)
+        adapted = sum("lora_A" in name for name, _ in model.named_parameters())
+        assert switched == (adapted if fused_on else 0)
         loss = model(**inputs, use_cache=False).loss
     loss.backward()
     return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
@@ -49,12 +55,45 @@ def error(result, reference) -> float:
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_fused_lora_gives_peft_s_loss_and_gradients_in_fp32(tiny_student, dropout):
-    model = lora_model(tiny_student, torch.float32, dropout)
+@pytest.mark.parametrize("targets", [TARGETS, EVERY_PROJECTION])
+@pytest.mark.parametrize("shared", [False, True])
+def test_fused_lora_gives_peft_s_loss_and_gradients_in_fp32(tiny_student, dropout, targets, shared):
+    model = lora_model(tiny_student, torch.float32, dropout, targets)
     peft_result = loss_and_gradients(model, fused_on=False)
     assert all(grad.abs().sum() > 0 for grad in peft_result[1].values())
     # fp32 rounding (addmm sums in its own order; 1.4e-6 seen on CI's CPU), ten times under the 1e-4 a 1% slip gives
-    assert error(loss_and_gradients(model, fused_on=True), peft_result) < 1e-5
+    assert error(loss_and_gradients(model, fused_on=True, shared=shared), peft_result) < 1e-5
+
+
+class OpCounts(TorchDispatchMode):
+    """How often each ATen operation runs within the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_shared_input_gradients_leave_autograd_no_additions_of_siblings_gradients(tiny_student):
+    """q, k and v add their input gradients inside their products (two additions fewer a layer), gate and up too
+    (one fewer); with k, gate and up plain, q and v still share theirs and autograd adds k's (one fewer). The
+    gradients are peft's (the test above)."""
+    removed = {}
+    for targets in (EVERY_PROJECTION, TARGETS):
+        model = lora_model(tiny_student, torch.float32, 0.3, targets)
+        additions = {}
+        for shared in (False, True):
+            with fused.fused_lora(model, shared_input_gradients=shared):
+                loss = model(**DataCollatorForLanguageModeling(pad_token_id=0)(examples()[1]), use_cache=False).loss
+            with OpCounts() as ops:
+                loss.backward()
+            additions[shared] = ops.counts["add"] + ops.counts["add_"]
+        removed[len(targets)] = additions[False] - additions[True]
+    # Two layers; the first one's q, k and v read the frozen embeddings' norm, which asks for no gradient.
+    assert removed == {7: 1 + 3, 4: 0 + 1}
 
 
 @pytest.mark.parametrize("wrong", ["scale", "dropout"])
