@@ -93,10 +93,12 @@ RUNS = {
     # Speedups.dropout_kernel; each adapter weight cast at each call, as before Speedups.casts_once.
     "fast-dropout-unfused-2-epochs": Run("fast", speedups=Speedups(dropout_kernel=False), whole_epochs=True),
     "fast-casts-per-call-2-epochs": Run("fast", speedups=Speedups(casts_once=False), whole_epochs=True),
-    # q, k and v (gate and up) add their input gradients into one tensor (Speedups.shared_input_gradients).
-    "fast-shared-input-gradients-2-epochs": Run(
-        "fast", speedups=Speedups(shared_input_gradients=True), whole_epochs=True
+    # q, k and v (gate and up) each hand autograd their input gradient, as before Speedups.shared_input_gradients.
+    "fast-input-gradients-apart-2-epochs": Run(
+        "fast", speedups=Speedups(shared_input_gradients=False), whole_epochs=True
     ),
+    # The adapters made on the GPU (Speedups.adapters_made_on_device).
+    "fast-adapters-on-device-2-epochs": Run("fast", speedups=Speedups(adapters_made_on_device=True), whole_epochs=True),
     # The trainer's clipping (a pass scaling every gradient), as before Speedups.clip_in_optimizer.
     "fast-clip-by-trainer-2-epochs": Run("fast", speedups=Speedups(clip_in_optimizer=False), whole_epochs=True),
     # The packed row through SDPA with a block-diagonal mask (cuDNN's kernel off), as before the varlen kernel.

@@ -1,11 +1,8 @@
 """train.fused_lora on a tiny random Llama: peft's loss and adapter gradients, dropout's draws included."""
 
-import collections
-
 import pytest
 import torch
 from test_packing import examples
-from torch.utils._python_dispatch import TorchDispatchMode
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from redistill import fused_lora as fused
@@ -65,35 +62,33 @@ def test_fused_lora_gives_peft_s_loss_and_gradients_in_fp32(tiny_student, dropou
     assert error(loss_and_gradients(model, fused_on=True, shared=shared), peft_result) < 1e-5
 
 
-class OpCounts(TorchDispatchMode):
-    """How often each ATen operation runs within the block."""
+def test_siblings_hand_autograd_one_input_gradient_the_last_of_them(tiny_student, monkeypatch):
+    """q, k and v (gate and up) each add their part to one input gradient, and only the last to run hands it to
+    autograd, which then adds nothing; with k, gate and up plain, q and v still share theirs (autograd adds k's).
+    The gradients are peft's (the test above)."""
+    handed: list[tuple[int, bool]] = []  # (members, whether this backward handed the gradient on)
+    add_up = fused.SharedGradient.add_up
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: collections.Counter = collections.Counter()
+    def recorded(self, gradient):
+        result = add_up(self, gradient)
+        handed.append((self.members, result is not None))
+        return result
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def test_shared_input_gradients_leave_autograd_no_additions_of_siblings_gradients(tiny_student):
-    """q, k and v add their input gradients inside their products (two additions fewer a layer), gate and up too
-    (one fewer); with k, gate and up plain, q and v still share theirs and autograd adds k's (one fewer). The
-    gradients are peft's (the test above)."""
-    removed = {}
+    monkeypatch.setattr(fused.SharedGradient, "add_up", recorded)
+    tokenizer, batch = examples()
+    inputs = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(batch)
+    seen = {}
     for targets in (EVERY_PROJECTION, TARGETS):
         model = lora_model(tiny_student, torch.float32, 0.3, targets)
-        additions = {}
-        for shared in (False, True):
-            with fused.fused_lora(model, shared_input_gradients=shared):
-                loss = model(**DataCollatorForLanguageModeling(pad_token_id=0)(examples()[1]), use_cache=False).loss
-            with OpCounts() as ops:
-                loss.backward()
-            additions[shared] = ops.counts["add"] + ops.counts["add_"]
-        removed[len(targets)] = additions[False] - additions[True]
-    # Two layers; the first one's q, k and v read the frozen embeddings' norm, which asks for no gradient.
-    assert removed == {7: 1 + 3, 4: 0 + 1}
+        handed.clear()
+        with fused.fused_lora(model, shared_input_gradients=True):
+            model(**inputs, use_cache=False).loss.backward()
+        seen[len(targets)] = list(handed)
+    # Backwards from the second layer's down to the first's o: a projection alone (o, down) hands its own on at once;
+    # the first layer's q, k and v read the norm of the frozen embeddings, which asks for no gradient.
+    alone, gate_up, qkv = [(1, True)], [(2, False), (2, True)], [(3, False), (3, False), (3, True)]
+    assert seen[7] == alone + gate_up + alone + qkv + alone + gate_up + alone
+    assert seen[4] == alone + alone + [(2, False), (2, True)] + alone + alone  # q and v share; k's is autograd's
 
 
 @pytest.mark.parametrize("wrong", ["scale", "dropout"])

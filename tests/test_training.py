@@ -511,3 +511,29 @@ def test_a_resumed_run_keeps_the_loss_log_up_to_its_checkpoint(tmp_path):
     summary.write_text('{"step": 8}')
     loss_log_callbacks(config, log, resumed_at=2, examples=100)
     assert summary.read_text() == '{"step": 8}' and curve.read_text() == "step\tloss\n4\t2.5\n8\t2.25\n"
+
+
+def test_adapters_are_made_on_the_students_device_where_asked(tiny_student, tmp_path, monkeypatch):
+    """Speedups.adapters_made_on_device: peft initialises the adapters where the student is (on a GPU, there) instead
+    of on the host; on a CPU that is the host, so the same draws and the same run."""
+    rank = 8
+    devices: list[str] = []
+    kaiming = torch.nn.init.kaiming_uniform_
+
+    def recorded(tensor, *args, **kwargs):
+        if rank in tensor.shape:  # an adapter's A (the model's own weights are loaded, not initialised)
+            devices.append(tensor.device.type)
+        return kaiming(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", recorded)
+    params = tiny_train_params(max_steps=3, lora=LoraParams(r=rank, alpha=16, dropout=0.0, target_modules=["q_proj"]))
+    runs = {}
+    for on_device in (False, True):
+        devices.clear()
+        speedups = Speedups(adapters_made_on_device=on_device)
+        metrics = train_tiny(tiny_student, params, 6, tmp_path / str(on_device), speedups=speedups, log_dir=None)
+        runs[on_device] = set(devices), metrics["train_loss"]
+    student_device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert runs[False][0] == {"cpu"} and runs[True][0] == {student_device}
+    if student_device == "cpu":
+        assert runs[True][1] == runs[False][1]
