@@ -7,6 +7,7 @@ tokens), so token counts are close to Llama-3's own.
 """
 
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -119,3 +120,13 @@ def bench_params(student: str | Path, overrides: dict, source: str | Path = PARA
     """``source`` (the project's params.yaml) with ``overrides`` merged in, then the student at ``student``."""
     params = with_overrides(read_params_file(source), overrides)
     return with_overrides(params, {"student": {"model": str(student)}})
+
+
+def time_widths(out: str, tokens: int, rank: int, widths: tuple[int, ...], measure) -> None:
+    """A micro-benchmark's results on this GPU: ``measure(width)`` (a dict of microseconds by call) for each width,
+    printed and written to ``out`` as JSON beside the device, the tokens and the rank."""
+    results = {"device": torch.cuda.get_device_name(), "tokens": tokens, "rank": rank}
+    for width in widths:
+        results[str(width)] = measure(width)
+        print(width, ", ".join(f"{name} {us:.1f} us" for name, us in results[str(width)].items()), flush=True)
+    Path(out).write_text(json.dumps(results, indent=1))

@@ -10,9 +10,9 @@ Microseconds a call (CUDA events over 200 calls after 5 warm-up calls) for each 
 o, gate, up; 14,336: down)."""
 
 import argparse
-import json
 
 import torch
+from common import time_widths
 
 from redistill.fused_lora_kernel import add_masked_product
 
@@ -60,12 +60,13 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
-    results = {"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rank": args.rank}
-    for width in (4096, 14336):
-        results[str(width)] = widths(args.tokens, args.rank, width, args.dropout)
-        print(width, ", ".join(f"{name} {us:.1f} us" for name, us in results[str(width)].items()))
-    with open(args.out, "w") as file:
-        json.dump(results, file, indent=1)
+    time_widths(
+        args.out,
+        args.tokens,
+        args.rank,
+        (4096, 14336),
+        lambda width: widths(args.tokens, args.rank, width, args.dropout),
+    )
 
 
 if __name__ == "__main__":

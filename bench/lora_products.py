@@ -9,9 +9,9 @@ multiprocessor work; this measures whether it pays. Microseconds a product: the 
 as one CUDA graph and replayed (launching them one by one would time the host)."""
 
 import argparse
-import json
 
 import torch
+from common import time_widths
 
 
 def microseconds(call, repeats: int = 50) -> float:
@@ -80,12 +80,10 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
-    results = {"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rank": args.rank}
-    for width in (1024, 4096, 14336):  # k and v's outputs; the model's width; the MLP's
-        results[str(width)] = widths(args.tokens, args.rank, width)
-        print(width, ", ".join(f"{name} {us:.1f} us" for name, us in results[str(width)].items()), flush=True)
-    with open(args.out, "w") as file:
-        json.dump(results, file, indent=1)
+    # k and v's outputs; the model's width; the MLP's
+    time_widths(
+        args.out, args.tokens, args.rank, (1024, 4096, 14336), lambda width: widths(args.tokens, args.rank, width)
+    )
 
 
 if __name__ == "__main__":
