@@ -537,3 +537,23 @@ def test_adapters_are_made_on_the_students_device_where_asked(tiny_student, tmp_
     assert runs[False][0] == {"cpu"} and runs[True][0] == {student_device}
     if student_device == "cpu":
         assert runs[True][1] == runs[False][1]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_input_gradients_train_as_autograds_additions(tiny_student, tmp_path, checkpointing):
+    """Speedups.shared_input_gradients: the same adapter as with autograd adding the siblings' input gradients, with
+    activation checkpointing too (its recomputed forward groups the siblings anew)."""
+    from safetensors.torch import load_file
+
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = LoraParams(r=8, alpha=16, dropout=0.1, target_modules=every)
+    params = tiny_train_params(max_steps=4, fused_lora=True, gradient_checkpointing=checkpointing, lora=lora)
+    adapters = {}
+    for shared in (False, True):
+        out = tmp_path / str(shared)
+        train_tiny(tiny_student, params, 8, out, speedups=Speedups(shared_input_gradients=shared), log_dir=None)
+        adapters[shared] = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert adapters[True].keys() == adapters[False].keys()
+    for name, weight in adapters[False].items():
+        torch.testing.assert_close(adapters[True][name], weight, rtol=1e-4, atol=1e-7)
+    assert any("lora_B" in name and weight.abs().max() > 0 for name, weight in adapters[False].items())
