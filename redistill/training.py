@@ -429,8 +429,8 @@ def train(
     resumed_at = None if resume is None else checkpoint_step(resume)
     loss_log = loss_log_callbacks(config, log_dir, resumed_at, len(examples.train))
     at_end = [SkipCheckpointAtEnd()] if speedups.no_checkpoint_at_end else []
-    callbacks = [clock, *callbacks, *loss_log, *at_end]
-    trainer = build_trainer(model, config, examples, tokenizer, params, callbacks, speedups.adapters_made_on_device)
+    all_callbacks = [clock, *callbacks, *loss_log, *at_end]
+    trainer = build_trainer(model, config, examples, tokenizer, params, all_callbacks, speedups.adapters_made_on_device)
     trainer.tokens_counted_on_host = speedups.no_host_waits
     trainer.logs_a_step_late = speedups.log_a_step_late and config.world_size == 1 and not env.fsdp  # plain tensors
     trainer.clips_in_optimizer = speedups.clip_in_optimizer
