@@ -6,6 +6,7 @@ the same compute and memory. Its tokenizer is any one with a similar English com
 tokens), so token counts are close to Llama-3's own.
 """
 
+import argparse
 import copy
 import json
 import time
@@ -120,6 +121,18 @@ def bench_params(student: str | Path, overrides: dict, source: str | Path = PARA
     """``source`` (the project's params.yaml) with ``overrides`` merged in, then the student at ``student``."""
     params = with_overrides(read_params_file(source), overrides)
     return with_overrides(params, {"student": {"model": str(student)}})
+
+
+def micro_benchmark_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """A GPU micro-benchmark's arguments: ``parser``'s own, then the packed row's tokens, the LoRA rank and the
+    output file; an error where there is no CUDA GPU."""
+    parser.add_argument("--tokens", type=int, default=1280, help="a step's packed row (the post's: ~1,170-1,300)")
+    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    return args
 
 
 def time_widths(out: str, tokens: int, rank: int, widths: tuple[int, ...], measure) -> None:

@@ -12,7 +12,7 @@ o, gate, up; 14,336: down)."""
 import argparse
 
 import torch
-from common import time_widths
+from common import micro_benchmark_args, time_widths
 
 from redistill.fused_lora_kernel import add_masked_product
 
@@ -53,13 +53,8 @@ def widths(tokens: int, rank: int, width: int, rate: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=1280, help="a step's packed row (the post's: ~1,170-1,300)")
-    parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--dropout", type=float, default=0.05)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU")
+    args = micro_benchmark_args(parser)
     time_widths(
         args.out,
         args.tokens,

@@ -11,7 +11,7 @@ as one CUDA graph and replayed (launching them one by one would time the host)."
 import argparse
 
 import torch
-from common import time_widths
+from common import micro_benchmark_args, time_widths
 
 
 def microseconds(call, repeats: int = 50) -> float:
@@ -73,13 +73,7 @@ def widths(tokens: int, rank: int, width: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=1280, help="a step's packed row (the post's: ~1,170-1,300)")
-    parser.add_argument("--rank", type=int, default=256)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU")
+    args = micro_benchmark_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     # k and v's outputs; the model's width; the MLP's
     time_widths(
         args.out, args.tokens, args.rank, (1024, 4096, 14336), lambda width: widths(args.tokens, args.rank, width)
